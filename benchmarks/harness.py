@@ -1,0 +1,172 @@
+"""The benchmark harness every op uses: timing, a results table, and its JSON, markdown and
+plot under benchmarks/results/.
+
+Each benchmarks/bench_<op>.py defines ``run(device, quick) -> Results``: it times ours and the
+peers on the same inputs in the same process and records each as one row of a case.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+OURS = "ours"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench(fn: Callable[[], object], device: torch.device, *, min_time: float = 0.5) -> float:
+    """Median seconds per call of ``fn``: CUDA via triton.testing.do_bench (which flushes L2
+    between calls), CPU via torch.utils.benchmark with PyTorch's thread count."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=max(100, int(min_time * 1000)), return_mode="median") * 1e-3
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_time).median
+
+
+@dataclass
+class Row:
+    case: str
+    impl: str
+    seconds: float | None  # None: the impl could not run this case (reason in note)
+    rate: float | None = None  # work per second in `unit`
+    unit: str = ""
+    note: str = ""
+
+
+@dataclass
+class Results:
+    op: str
+    device: str
+    rows: list[Row] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        dev = torch.device(self.device)
+        self.meta.setdefault("device_name", device_name(dev) if dev.type == "cuda" else _cpu_model())
+        self.meta.setdefault("threads", torch.get_num_threads())
+        self.meta.setdefault("torch", torch.__version__)
+        try:
+            import triton
+
+            self.meta.setdefault("triton", triton.__version__)
+        except ImportError:
+            pass
+        self.meta.setdefault("date", datetime.date.today().isoformat())
+
+    def add(self, case: str, impl: str, seconds: float | None, *, work: float | None = None,
+            unit: str = "", scale: float = 1.0, note: str = "") -> None:
+        """Record one timing; ``work`` (flops, bytes) per call gives a rate of work/seconds/scale in ``unit``."""
+        rate = work / seconds / scale if (work and seconds) else None
+        self.rows.append(Row(case, impl, seconds, rate, unit, note))
+
+    def time(self, case: str, impl: str, fn: Callable[[], object], *, work: float | None = None,
+             unit: str = "", scale: float = 1.0, min_time: float = 0.5) -> float | None:
+        """Time ``fn`` and record it; an impl that raises is recorded as not run, with the error."""
+        try:
+            fn()  # compile / warm up before timing
+            seconds = bench(fn, torch.device(self.device), min_time=min_time)
+        except Exception as e:  # a peer that cannot run a case is a result, not a crash
+            self.add(case, impl, None, note=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
+            return None
+        self.add(case, impl, seconds, work=work, unit=unit, scale=scale)
+        return seconds
+
+    def cases(self) -> list[str]:
+        return list(dict.fromkeys(r.case for r in self.rows))
+
+    def ours(self, case: str) -> Row | None:
+        return next((r for r in self.rows if r.case == case and r.impl == OURS), None)
+
+    def markdown(self) -> str:
+        m = self.meta
+        lines = [
+            f"# {self.op} on {m['device_name']} ({self.device})",
+            "",
+            f"{m['date']}, torch {m['torch']}" + (f", triton {m['triton']}" if "triton" in m else "")
+            + f", {m['threads']} CPU threads. Median time per call; `ours faster by` = peer time / ours"
+            " (above 1: ours is faster).",
+            "",
+            "| case | impl | time | rate | ours faster by |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for case in self.cases():
+            mine = self.ours(case)
+            for r in (r for r in self.rows if r.case == case):
+                t = _fmt_time(r.seconds) if r.seconds else f"n/a ({r.note})"
+                rate = f"{r.rate:,.2f} {r.unit}" if r.rate else ""
+                ratio = f"{r.seconds / mine.seconds:.2f}x" if (mine and mine.seconds and r.seconds and r is not mine) else ""
+                lines.append(f"| {case} | {r.impl} | {t} | {rate} | {ratio} |")
+        return "\n".join(lines) + "\n"
+
+    def save(self, out_dir: Path = RESULTS_DIR) -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = out_dir / f"{self.op}_{torch.device(self.device).type}"
+        paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
+        paths[0].write_text(json.dumps({"op": self.op, "device": self.device, "meta": self.meta,
+                                        "rows": [asdict(r) for r in self.rows]}, indent=1))
+        paths[1].write_text(self.markdown())
+        self.plot(paths[2])
+        return paths
+
+    def plot(self, path: Path) -> None:
+        """Grouped bars: time of each impl per case, log scale, ours highlighted."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cases = self.cases()
+        impls = list(dict.fromkeys(r.impl for r in self.rows))
+        width = 0.8 / max(1, len(impls))
+        fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(cases) * max(1, len(impls)) * 0.5), 4.5))
+        for i, impl in enumerate(impls):
+            xs, ys = [], []
+            for j, case in enumerate(cases):
+                r = next((r for r in self.rows if r.case == case and r.impl == impl and r.seconds), None)
+                if r:
+                    xs.append(j + (i - (len(impls) - 1) / 2) * width)
+                    ys.append(r.seconds * 1e3)
+            ax.bar(xs, ys, width, label=impl, edgecolor="black" if impl == OURS else None,
+                   linewidth=1.5 if impl == OURS else 0)
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(cases, rotation=20, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms per call (log scale, lower is better)")
+        ax.set_title(f"{self.op}: {self.meta['device_name']} ({self.meta['date']})", fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def _fmt_time(s: float) -> str:
+    if s >= 1:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3f} ms"
+    return f"{s * 1e6:.1f} us"

@@ -1,0 +1,152 @@
+// Shared plumbing for the C++ CPU kernels: run-time SIMD dispatch, threading and
+// the pybind11 registry through which each op file adds its functions to kernels._C.
+//
+// Tensors cross from Python as raw addresses (uintptr_t) plus sizes: the Python entry
+// points have already checked shapes, dtypes, devices and contiguity, so kernels trust them.
+#pragma once
+
+#include <omp.h>
+#include <pybind11/pybind11.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+namespace kernels {
+
+namespace py = pybind11;
+
+// ---------------------------------------------------------------------------------------
+// Binding registry: every csrc/<op>.cpp registers a function that adds its bindings, so the
+// module definition (bindings.cpp) never changes when an op is added.
+using Registration = std::function<void(py::module_&)>;
+
+inline std::vector<Registration>& registry() {
+  static std::vector<Registration> r;
+  return r;
+}
+
+struct Register {
+  explicit Register(Registration f) { registry().push_back(std::move(f)); }
+};
+
+// ---------------------------------------------------------------------------------------
+// Run-time SIMD dispatch. A kernel body is written once as a template over the vector width
+// in bytes (VB) using GCC vector extensions (Vec<T, VB>); KERNELS_MULTIVERSION compiles it
+// for AVX-512, AVX2+FMA and baseline x86-64 and calls the best one this CPU supports.
+enum class Isa { portable = 0, avx2 = 1, avx512 = 2 };
+
+inline Isa detected_isa() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+      return Isa::avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+    return Isa::portable;
+  }();
+  return isa;
+#else
+  return Isa::portable;
+#endif
+}
+
+inline const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+template <class T, int VB>
+using Vec __attribute__((vector_size(VB), aligned(alignof(T)))) = T;
+
+template <class T, int VB>
+constexpr int lanes = VB / int(sizeof(T));
+
+// Unaligned vector load/store: tensors are only guaranteed element-aligned.
+template <class T, int VB>
+__attribute__((always_inline)) inline Vec<T, VB> vload(const T* p) {
+  Vec<T, VB> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <class T, int VB>
+__attribute__((always_inline)) inline void vstore(T* p, Vec<T, VB> v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+template <class T, int VB>
+__attribute__((always_inline)) inline Vec<T, VB> vsplat(T x) {
+  return Vec<T, VB>{} + x;
+}
+
+#define KERNELS_INLINE __attribute__((always_inline)) inline
+
+#if defined(__x86_64__) || defined(__i386__)
+#define KERNELS_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
+#define KERNELS_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define KERNELS_TARGET_AVX512
+#define KERNELS_TARGET_AVX2
+#endif
+
+// KERNELS_MULTIVERSION(name, impl): defines `name(args...)` that forwards to `impl<VB>(args...)`
+// compiled for the best instruction set of this CPU (64-byte vectors on AVX-512, 32 on AVX2,
+// 16 on baseline SSE2). `impl` must be a function template `template <int VB, class... > ...`
+// marked KERNELS_INLINE so that its body is compiled inside each target-specific wrapper.
+// `impl` must not open OpenMP regions: GCC outlines a region into a new function that drops
+// the target attribute (the body would fall back to SSE). Split work with parallel_for below
+// and call the multiversioned function once per chunk.
+#define KERNELS_MULTIVERSION(name, impl)                                                    \
+  template <class... A>                                                                     \
+  KERNELS_TARGET_AVX512 static void name##_avx512(A... a) { impl<64>(a...); }               \
+  template <class... A>                                                                     \
+  KERNELS_TARGET_AVX2 static void name##_avx2(A... a) { impl<32>(a...); }                   \
+  template <class... A>                                                                     \
+  static void name##_portable(A... a) { impl<16>(a...); }                                   \
+  template <class... A>                                                                     \
+  static void name(A... a) {                                                                \
+    switch (::kernels::detected_isa()) {                                                    \
+      case ::kernels::Isa::avx512: return name##_avx512(a...);                              \
+      case ::kernels::Isa::avx2: return name##_avx2(a...);                                  \
+      default: return name##_portable(a...);                                                \
+    }                                                                                       \
+  }
+
+// ---------------------------------------------------------------------------------------
+// Threads: the Python layer passes torch.get_num_threads(); small work stays on one thread
+// because waking a team costs more than it saves.
+inline int threads_for(int64_t work, int num_threads, int64_t min_work_per_thread) {
+  if (num_threads <= 1 || work < 2 * min_work_per_thread) return 1;
+  int64_t t = work / min_work_per_thread;
+  return int(t < num_threads ? t : num_threads);
+}
+
+// Calls f(begin, end) on contiguous chunks of [0, n), one chunk per thread.
+template <class F>
+void parallel_for(int64_t n, int num_threads, F&& f) {
+  if (num_threads <= 1 || n <= 1) {
+    if (n > 0) f(int64_t(0), n);
+    return;
+  }
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int64_t team = omp_get_num_threads();
+    const int64_t chunk = (n + team - 1) / team;
+    const int64_t begin = omp_get_thread_num() * chunk;
+    const int64_t end = begin + chunk < n ? begin + chunk : n;
+    if (begin < end) f(begin, end);
+  }
+}
+
+template <class T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+}  // namespace kernels

@@ -1,0 +1,124 @@
+"""Backend choice and the input checks that every op shares.
+
+The device of the input picks the backend: CUDA tensors go to the Triton kernels, CPU
+tensors to the C++ kernels in ``kernels._C``. ``KERNELS_BACKEND`` overrides the choice:
+
+* ``triton``: the Triton kernels, also on CPU tensors when ``TRITON_INTERPRET=1`` was set
+  before ``kernels`` was imported (how CI tests the Triton code without a GPU);
+* ``cpu``: the C++ kernels (CPU tensors only);
+* ``torch``: plain PyTorch, the tests' oracle and the fallback for any other device.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("triton", "cpu", "torch")
+
+# Floating dtypes each backend computes in; "torch" takes whatever PyTorch takes.
+SUPPORTED_DTYPES = {
+    "triton": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+    "cpu": (torch.float32, torch.float64),
+}
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_for(device: torch.device) -> str:
+    """The backend that runs an op whose tensors live on ``device``."""
+    forced = os.environ.get("KERNELS_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"KERNELS_BACKEND={forced!r} is not one of {', '.join(BACKENDS)}")
+        if forced == "cpu" and device.type != "cpu":
+            raise ValueError(f"KERNELS_BACKEND=cpu runs the C++ kernels on CPU tensors only, got a {device.type} tensor")
+        if forced == "triton" and device.type != "cuda" and not triton_interpreting():
+            raise ValueError(
+                f"KERNELS_BACKEND=triton on a {device.type} tensor needs Triton's interpreter: "
+                "set TRITON_INTERPRET=1 before importing kernels"
+            )
+        return forced
+    if device.type == "cuda" and _triton_available():
+        return "triton"
+    if device.type == "cpu":
+        return "cpu"
+    return "torch"
+
+
+_triton_ok: bool | None = None
+
+
+def _triton_available() -> bool:
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+
+            _triton_ok = True
+        except ImportError:
+            _triton_ok = False
+    return _triton_ok
+
+
+def triton_op(name: str) -> ModuleType:
+    """The module kernels.triton.<name>, imported on first use (importing Triton is slow)."""
+    return importlib.import_module(f"kernels.triton.{name}")
+
+
+_cpp: ModuleType | None = None
+
+
+def cpp() -> ModuleType:
+    """The compiled C++ extension, with a clear message when it was not built."""
+    global _cpp
+    if _cpp is None:
+        try:
+            from kernels import _C
+        except ImportError as e:
+            raise RuntimeError(
+                "the C++ CPU kernels (kernels._C) are not built or do not load "
+                f"({e}). Build them with `pip install -e .` (or `python setup.py build_ext --inplace`) "
+                "in the repository root, or set KERNELS_BACKEND=torch to use plain PyTorch."
+            ) from e
+        _cpp = _C
+    return _cpp
+
+
+def num_threads() -> int:
+    """Threads for the C++ kernels: the same count PyTorch's own CPU kernels use."""
+    return torch.get_num_threads()
+
+
+def check_tensor(op: str, name: str, t, *, backend: str | None = None, dim: int | tuple | None = None) -> None:
+    """Raise a TypeError/ValueError naming `op` and `name` unless `t` is a floating tensor that
+    `backend` supports, with `dim` dimensions (an int, or a tuple of allowed counts)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if backend in SUPPORTED_DTYPES and t.dtype not in SUPPORTED_DTYPES[backend]:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES[backend])
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}, the {backend} backend supports {allowed}")
+    if not t.is_floating_point() and backend == "torch":
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if dim is not None:
+        dims = (dim,) if isinstance(dim, int) else tuple(dim)
+        if t.dim() not in dims:
+            want = " or ".join(str(d) for d in dims)
+            raise ValueError(f"{op}: {name} must have {want} dimension(s), got shape {tuple(t.shape)}")
+
+
+def check_same(op: str, **tensors) -> None:
+    """Raise unless all the given tensors (None entries skipped) share one device and dtype."""
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    if not named:
+        return
+    n0, t0 = named[0]
+    for n, t in named[1:]:
+        if t.device != t0.device:
+            raise ValueError(f"{op}: {n} is on {t.device} but {n0} is on {t0.device}")
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{op}: {n} has dtype {t.dtype} but {n0} has dtype {t0.dtype}")

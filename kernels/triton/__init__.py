@@ -1,0 +1,1 @@
+"""Triton GPU kernels, one module per op. Imported lazily by kernels._dispatch.triton_op."""

@@ -1,0 +1,48 @@
+"""Shared test fixtures.
+
+Every op is tested on each of its backends against PyTorch's own modules:
+* ``cpu``: the C++ kernels on CPU tensors;
+* ``triton``: the Triton kernels, compiled on CUDA tensors when a GPU is present, otherwise run
+  by Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 must be set before Triton compiles
+  the kernels, hence here, before anything imports kernels.triton).
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # the KERNELS_BACKEND value
+    device: torch.device
+
+    @property
+    def interpreted(self) -> bool:
+        return self.name == "triton" and self.device.type == "cpu"
+
+    def __str__(self):
+        return f"{self.name}-{self.device.type}"
+
+
+def _backends():
+    yield Backend("cpu", torch.device("cpu"))
+    yield Backend("triton", torch.device("cuda" if HAS_CUDA else "cpu"))
+
+
+@pytest.fixture(params=list(_backends()), ids=str)
+def backend(request, monkeypatch) -> Backend:
+    """Runs the test once per backend, with KERNELS_BACKEND set to it."""
+    monkeypatch.setenv("KERNELS_BACKEND", request.param.name)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
