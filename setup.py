@@ -8,8 +8,25 @@ variant is picked at run time, so the default build never uses -march=native.
 import glob
 import os
 
+import shutil
+
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+
+
+class BuildExt(build_ext):
+    """Copies the built module into the source tree by rename, not by overwriting: a Python
+    process that has kernels._C loaded keeps its mapped file, so rebuilding while tests run
+    never crashes them."""
+
+    def copy_file(self, src, dst, *args, **kwargs):
+        if not (self.inplace and dst.endswith((".so", ".pyd"))):
+            return super().copy_file(src, dst, *args, **kwargs)
+        tmp = f"{dst}.tmp{os.getpid()}"
+        shutil.copyfile(src, tmp)
+        shutil.copymode(src, tmp)
+        os.replace(tmp, dst)
+        return dst, True
 
 extra_compile_args = ["-O3", "-fopenmp", "-Wno-psabi", "-fno-math-errno"]
 if os.environ.get("KERNELS_NATIVE") == "1":  # opt-in for a local build tuned to this CPU
@@ -27,4 +44,4 @@ ext_modules = [
     )
 ]
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})

@@ -11,6 +11,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace kernels {
@@ -142,6 +144,15 @@ void parallel_for(int64_t n, int num_threads, F&& f) {
     const int64_t end = begin + chunk < n ? begin + chunk : n;
     if (begin < end) f(begin, end);
   }
+}
+
+// Calls f(T{}) with T = float or double, from the dtype name the Python layer passes
+// (kernels._dispatch.cpp_dtype), so each op binds one function per entry point, not one per dtype.
+template <class F>
+void dispatch_dtype(const std::string& dtype, F&& f) {
+  if (dtype == "float32") return f(float{});
+  if (dtype == "float64") return f(double{});
+  throw std::invalid_argument("kernels._C: unsupported dtype " + dtype);
 }
 
 template <class T>

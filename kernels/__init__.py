@@ -4,6 +4,16 @@ The tensor's device picks the backend (see kernels._dispatch); every op is an au
 Function with a functional form and an nn.Module / torch.optim.Optimizer drop-in.
 """
 from kernels._dispatch import backend_for
+from kernels.adam import FusedAdam, FusedAdamW
+from kernels.cross_entropy import FusedCrossEntropyLoss, cross_entropy
+from kernels.linear import FusedLinear, linear
 
-# ops: each line is added by the op's own module
-__all__ = ["backend_for"]
+__all__ = [
+    "backend_for",
+    "linear",
+    "FusedLinear",
+    "cross_entropy",
+    "FusedCrossEntropyLoss",
+    "FusedAdam",
+    "FusedAdamW",
+]

@@ -89,6 +89,11 @@ def cpp() -> ModuleType:
     return _cpp
 
 
+def cpp_dtype(t: torch.Tensor) -> str:
+    """The dtype name the C++ entry points take (see dispatch_dtype in csrc/common.h)."""
+    return "float64" if t.dtype == torch.float64 else "float32"
+
+
 def num_threads() -> int:
     """Threads for the C++ kernels: the same count PyTorch's own CPU kernels use."""
     return torch.get_num_threads()
