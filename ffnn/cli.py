@@ -1,0 +1,50 @@
+"""What the three commands share: their common options, device choice and error reporting."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+
+from ffnn.data import CLASSES
+from ffnn.errors import FFNNError
+from ffnn.model import IMPLS
+
+
+def add_data_options(p: argparse.ArgumentParser, dataset_default: str | None) -> None:
+    p.add_argument("--dataset", choices=tuple(CLASSES), default=dataset_default,
+                   help="which dataset (default: %(default)s)" if dataset_default else
+                   "which dataset (default: the checkpoint's)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory with the four IDX files (gzipped or not), or where to download them "
+                        "(default: ./data; for fashion-mnist /usr/share/datasets/fashion-mnist when installed)")
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="never download: fail when the files are not in --data-dir")
+
+
+def add_device_options(p: argparse.ArgumentParser, impl_default: str | None = "fused") -> None:
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda when available, else cpu (default: %(default)s)")
+    p.add_argument("--impl", choices=IMPLS, default=impl_default,
+                   help="fused: this library's kernels; torch: nn.Linear, F.cross_entropy, torch.optim "
+                        + ("(default: %(default)s)" if impl_default else "(default: the checkpoint's)"))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise FFNNError("--device cuda: no CUDA device is visible (use --device cpu)")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command; an FFNNError (bad input) becomes one line on stderr and exit status 2."""
+    try:
+        return command(args)
+    except FFNNError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,80 @@
+"""The figures the commands write: loss curves, a grid of predictions, a confusion matrix."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; works without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def loss_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
+    """Training against validation (test) loss per epoch, as in the tutorials."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="training loss")
+    ax.plot(epochs, [h["test_loss"] for h in history], "s-", label="validation loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_xticks(epochs)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def sample_grid(images: torch.Tensor, labels, predictions, classes, path: str | Path, cols: int = 8) -> Path:
+    """Images (N, H, W) in [-1, 1] with their label and prediction; wrong predictions in red."""
+    plt = _pyplot()
+    n = len(images)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.75 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, label, pred in zip(axes.flat, images.cpu(), labels, predictions):
+        ax.imshow(img.numpy(), cmap="gray", vmin=-1, vmax=1)
+        ok = int(label) == int(pred)
+        ax.set_title(f"label {classes[int(label)]}\npred {classes[int(pred)]}", fontsize=7,
+                     color="green" if ok else "red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def confusion_matrix(matrix: torch.Tensor, classes, path: str | Path, title: str = "") -> Path:
+    """Counts of (true class, predicted class), annotated."""
+    plt = _pyplot()
+    m = matrix.cpu()
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * k, 0.8 + 0.55 * k))
+    im = ax.imshow(m.numpy(), cmap="Blues")
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticklabels(classes, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=10)
+    threshold = m.max().item() / 2
+    for i in range(k):
+        for j in range(k):
+            v = int(m[i, j])
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                    color="white" if v > threshold else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
