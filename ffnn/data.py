@@ -130,16 +130,20 @@ class Data:
 
     @property
     def num_features(self) -> int:
-        return self.train_x.shape[1]
+        return self.image_shape[0] * self.image_shape[1]
+
+
+def _torchvision_download(dataset: str, data_dir: Path) -> None:
+    import torchvision.datasets  # slow to import: only when downloading
+
+    for train in (True, False):
+        getattr(torchvision.datasets, TORCHVISION_CLASS[dataset])(str(data_dir), train=train, download=True)
 
 
 def _download(dataset: str, data_dir: Path) -> Path:
     """Download with torchvision into data_dir; the directory holding the IDX files afterwards."""
     try:
-        import torchvision.datasets as tvd
-
-        for train in (True, False):
-            getattr(tvd, TORCHVISION_CLASS[dataset])(str(data_dir), train=train, download=True)
+        _torchvision_download(dataset, data_dir)
     except Exception as e:  # offline, mirror down, disk full: all mean "no data"
         raise FFNNError(_no_data_message(dataset, data_dir, f"the download failed ({type(e).__name__}: {e})")) from e
     found = find_idx_dir(dataset, data_dir)
