@@ -1,0 +1,173 @@
+"""End to end: one epoch of the MNIST MLP (784-128-64-10, batch 64, Adam lr 1e-3) and the test
+accuracy it reaches, for the tutorial-style loop, PyTorch's faster ways to run it, and ffnn.
+
+Peers, all from the same initial weights:
+* tutorial DataLoader loop: a torchvision-style Dataset (PIL image + ToTensor + Normalize per
+  sample), DataLoader(shuffle=True), nn.CrossEntropyLoss, torch.optim.Adam, loss.item() per step;
+* resident eager: the dataset as one normalised tensor on the device, batches by index_select,
+  nn.Linear + F.cross_entropy + torch.optim.Adam(fused=True): ffnn.train's loop with --impl torch;
+* torch.compile: the same with gather + forward + loss compiled;
+* CUDA graph of torch ops (CUDA only): the resident eager step captured whole, as ffnn.train does;
+* ours: ffnn.train's step with FusedLinear, cross_entropy and FusedAdam (a CUDA graph on CUDA).
+
+The time is the median over the epochs after the first (which includes compilation, autotuning
+and capture); the accuracy table below the timings gives the first epoch too.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import OURS, Results
+from ffnn import data as datasets
+from ffnn.errors import FFNNError
+from ffnn.evaluate import evaluate_model
+from ffnn.model import build, loss_function
+from ffnn.train import World, capture_step, make_optimizer, make_step
+
+BATCH, LR, SEED = 64, 1e-3, 0
+
+
+class E2EResults(Results):
+    """Results with a second table: epochs run, first-epoch time and final test accuracy."""
+
+    def markdown(self) -> str:
+        lines = ["", "| case | impl | epochs | first epoch | test accuracy |", "|---|---|---:|---:|---:|"]
+        for r in self.meta.get("runs", []):
+            lines.append(f"| {r['case']} | {r['impl']} | {r['epochs']} | {r['first_epoch_s']:.3f} s | "
+                         f"{100 * r['test_accuracy']:.2f}% |")
+        return super().markdown() + "\n".join(lines) + "\n"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _resident(impl: str, data: datasets.Data, device: torch.device, graph: bool = False, compiled: bool = False):
+    """(model, step(idx), loss_sum) of the device-resident loop, built as ffnn.train builds it."""
+    model = build(impl, (data.num_features, 128, 64, len(data.classes)), seed=SEED, device=device)
+    args = SimpleNamespace(lr=LR, weight_decay=None, impl=impl, optimizer="adam")
+    optimizer = make_optimizer(args, model.parameters(), capturable=graph)
+    loss_sum = torch.zeros((), device=device)
+    if compiled:
+        x_all, y_all, params = data.train_x, data.train_y, list(model.parameters())
+        loss_of = torch.compile(lambda idx: F.cross_entropy(model(x_all.index_select(0, idx)), y_all.index_select(0, idx)))
+
+        def step(idx):
+            loss = loss_of(idx)
+            loss.backward()
+            optimizer.step()
+            for p in params:
+                p.grad = None
+            loss_sum.add_(loss.detach())
+    else:
+        step = make_step(model, optimizer, loss_function(impl), data.train_x, data.train_y, loss_sum, World(), 1.0)
+        if graph:
+            step = capture_step(step, BATCH, model, optimizer, device)
+    return model, step, loss_sum
+
+
+def _resident_epochs(step, loss_sum, data: datasets.Data, epochs: int, device: torch.device) -> list[float]:
+    generator = torch.Generator().manual_seed(SEED)
+    times = []
+    for _ in range(epochs):
+        batches = datasets.epoch_batches(len(data.train_y), BATCH, generator, device)
+        _sync(device)
+        t0 = time.perf_counter()
+        for idx in batches:
+            step(idx)
+        loss_sum.item()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _tutorial(data: datasets.Data, device: torch.device, epochs: int):
+    """The seed tutorials' loop, from the raw uint8 images through PIL and transforms per sample."""
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    class IDXImages(Dataset):  # what torchvision.datasets.MNIST's __getitem__ does
+        def __init__(self, images, labels, transform):
+            self.images, self.labels, self.transform = images, labels, transform
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, i):
+            return self.transform(Image.fromarray(self.images[i].numpy(), mode="L")), int(self.labels[i])
+
+    images, labels = datasets.read_split(data.source, "train")
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+    loader = DataLoader(IDXImages(images, labels, transform), batch_size=BATCH, shuffle=True,
+                        generator=torch.Generator().manual_seed(SEED))
+    model = build("torch", (data.num_features, 128, 64, len(data.classes)), seed=SEED, device=device)
+    criterion, optimizer = torch.nn.CrossEntropyLoss(), torch.optim.Adam(model.parameters(), lr=LR)
+    times = []
+    for _ in range(epochs):
+        running_loss = 0.0
+        t0 = time.perf_counter()
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad()
+            loss = criterion(model(x), y)
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()
+        times.append(time.perf_counter() - t0)
+    return model, times
+
+
+def _datasets() -> list[str]:
+    """fashion-mnist (Debian's dataset-fashion-mnist), and MNIST where its files are present."""
+    present = []
+    for name in ("fashion-mnist", "mnist"):
+        try:
+            datasets.locate(name, download=False)
+            present.append(name)
+        except FFNNError:
+            pass
+    if not present:
+        raise FFNNError("no dataset for the e2e benchmark: `apt-get install dataset-fashion-mnist`, or put "
+                        f"MNIST's IDX files into ./{datasets.DEFAULT_DATA_DIR}")
+    return present
+
+
+def run(device: torch.device, quick: bool = False) -> Results:
+    results = E2EResults("e2e", str(device))
+    results.meta["runs"] = []
+    epochs = 2 if quick else 5
+    on_cuda = device.type == "cuda"
+    for name in _datasets():
+        data = datasets.load(name, device=device, download=False)
+        steps = len(data.train_y) // BATCH
+        case = f"{name}: epoch of {steps} steps x {BATCH}"
+
+        def record(impl: str, model, times: list[float], samples: int = steps * BATCH) -> None:
+            accuracy = evaluate_model(model, data.test_x, data.test_y, F.cross_entropy, len(data.classes)).accuracy
+            warm = statistics.median(times[1:]) if len(times) > 1 else times[0]
+            results.add(case, impl, warm, work=samples, unit="samples/s")
+            results.meta["runs"].append({"case": case, "impl": impl, "epochs": len(times), "first_epoch_s": times[0],
+                                         "epoch_s": times, "test_accuracy": accuracy})
+            print(f"  {case} | {impl}: epochs {', '.join(f'{t:.3f}' for t in times)} s, "
+                  f"test accuracy {100 * accuracy:.2f}%", flush=True)
+
+        model, times = _tutorial(data, device, 1 if quick and not on_cuda else epochs)
+        record("tutorial DataLoader loop", model, times, samples=len(data.train_y))
+        peers = [("resident eager + fused Adam", "torch", False, False),
+                 ("torch.compile", "torch", False, True)]
+        if on_cuda:
+            peers.append(("CUDA graph of torch ops", "torch", True, False))
+        peers.append((OURS, "fused", on_cuda, False))
+        for impl_name, impl, graph, compiled in peers:
+            try:
+                model, step, loss_sum = _resident(impl, data, device, graph=graph, compiled=compiled)
+                record(impl_name, model, _resident_epochs(step, loss_sum, data, epochs, device))
+            except Exception as e:  # a peer that cannot run is a result, not a crash
+                results.add(case, impl_name, None, note=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
+    return results
