@@ -355,10 +355,10 @@ class FusedAdam(torch.optim.Optimizer):
         self.__dict__.setdefault("_graph_tables", [])
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch.optim.Optimizer.load_state_dict, then two fixes: ``step`` tensors are copied
-        (torch keeps them shared with ``state_dict``, and our kernels increment them in place),
-        and low-precision parameters take their float32 moments from ``state_dict`` itself
-        (torch has rounded them to the parameter dtype). Works for torch.optim.Adam's dicts."""
+        """torch.optim.Optimizer.load_state_dict, then two fixes: tensors still shared with
+        ``state_dict`` are copied (torch keeps them when device and dtype already match, and
+        our kernels update states in place), and low-precision parameters take their float32
+        moments from ``state_dict`` itself (torch has rounded them to the parameter dtype)."""
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
@@ -366,9 +366,10 @@ class FusedAdam(torch.optim.Optimizer):
             state, saved = self.state.get(p), state_dict["state"].get(saved_id)
             if not state or saved is None:
                 continue
-            step = state.get("step")
-            if isinstance(step, torch.Tensor):
-                state["step"] = step.detach().to(device=p.device, dtype=torch.float32, copy=True).reshape(())
+            shared = {t.data_ptr() for t in saved.values() if isinstance(t, torch.Tensor)}
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.data_ptr() in shared:
+                    state[key] = value.clone()
             if _state_dtype(p) != p.dtype:
                 for key in _MOMENTS:
                     if isinstance(saved.get(key), torch.Tensor):

@@ -24,7 +24,8 @@ ticket stores step + 1 and resets the counter, so no program can read an increme
 
 The bias corrections are computed per program in float64, like PyTorch's, from the
 hyper-parameters passed as the bits of float64 scalars (Triton passes Python floats as
-float32, which would move 1 - beta2 by 1e-5 relative).
+float32, which would move 1 - beta2 by 1e-5 relative). The kernel avoids small @triton.jit
+helpers: the interpreter re-patches triton.language at every nested call (~1 ms each).
 """
 from __future__ import annotations
 
@@ -51,42 +52,6 @@ PROGRAMS_PER_SM = 8  # enough resident programs to keep the memory system busy
 
 
 @triton.jit
-def _pow(base, exponent):
-    """base ** exponent for a whole-number exponent, by repeated squaring (float64)."""
-    result = base * 0 + 1
-    n = exponent.to(tl.int64)
-    while n > 0:
-        result = tl.where((n & 1) != 0, result * base, result)
-        base = base * base
-        n = n >> 1
-    return result
-
-
-@triton.jit
-def _from_bits(bits):
-    """The float64 whose bits are ``bits`` (an int32 argument when the bits fit in one)."""
-    return bits.to(tl.int64).to(tl.float64, bitcast=True)
-
-
-@triton.jit
-def _sqrt(x):
-    """Correctly rounded square root, as PyTorch's (tl.sqrt is an approximation in float32)."""
-    if x.dtype == tl.float32:
-        return tl.sqrt_rn(x)
-    else:
-        return tl.sqrt(x)
-
-
-@triton.jit
-def _div(x, y):
-    """Correctly rounded division, as PyTorch's."""
-    if x.dtype == tl.float32:
-        return tl.div_rn(x, y)
-    else:
-        return x / y
-
-
-@triton.jit
 def _update_block(offsets, mask, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
                   lerp_weight, beta2, one_minus_beta2, weight_decay, decay, eps,
                   inv_bias_correction2_sqrt, neg_step_size,
@@ -110,8 +75,11 @@ def _update_block(offsets, mask, param, grad, exp_avg, exp_avg_sq, max_exp_avg_s
     if AMSGRAD:
         v = tl.maximum(tl.load(max_exp_avg_sq + offsets, mask=mask), v)
         tl.store(max_exp_avg_sq + offsets, v, mask=mask)
-    denom = _sqrt(v) * inv_bias_correction2_sqrt + eps
-    p = p + neg_step_size * _div(m, denom)
+    # Correctly rounded sqrt and division, as PyTorch's (tl.sqrt and / approximate in float32).
+    if COMPUTE == tl.float32:
+        p = p + neg_step_size * tl.div_rn(m, tl.sqrt_rn(v) * inv_bias_correction2_sqrt + eps)
+    else:
+        p = p + neg_step_size * (m / (tl.sqrt(v) * inv_bias_correction2_sqrt + eps))
     tl.store(param + offsets, p.to(param.dtype.element_ty), mask=mask)
 
 
@@ -147,22 +115,30 @@ def adam_kernel(tensors, chunks, tickets, lr_ptr, chunk_size,
     tl.store(tickets + row, 0, mask=last)
 
     # The scalars of the update, in float64 like PyTorch, rounded once to the compute dtype.
-    step = (old_step + 1).to(tl.float64)
+    # Each arrives as the bits of a float64 (an int32 argument when they fit in one: 0.0).
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float64)
     else:
-        lr = _from_bits(lr_bits)
-    beta1 = _from_bits(beta1_bits)
-    beta2 = _from_bits(beta2_bits)
-    weight_decay = _from_bits(weight_decay_bits)
-    bias_correction1 = 1 - _pow(beta1, step)
-    bias_correction2 = 1 - _pow(beta2, step)
-    neg_step_size = (-(lr / bias_correction1)).to(COMPUTE)
-    inv_bias_correction2_sqrt = (1 / tl.sqrt(bias_correction2)).to(COMPUTE)
+        lr = lr_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    beta1 = beta1_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    beta2 = beta2_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True).to(COMPUTE)
+    weight_decay = weight_decay_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    # beta ** step by repeated squaring (exact up to float64 rounding, as the host's pow)
+    beta1_power, beta2_power = beta1 * 0 + 1, beta2 * 0 + 1
+    beta1_square, beta2_square = beta1, beta2
+    n = old_step.to(tl.int64) + 1
+    while n > 0:
+        odd = (n & 1) != 0
+        beta1_power = tl.where(odd, beta1_power * beta1_square, beta1_power)
+        beta2_power = tl.where(odd, beta2_power * beta2_square, beta2_power)
+        beta1_square, beta2_square = beta1_square * beta1_square, beta2_square * beta2_square
+        n = n >> 1
+    neg_step_size = (-(lr / (1 - beta1_power))).to(COMPUTE)
+    inv_bias_correction2_sqrt = (1 / tl.sqrt(1 - beta2_power)).to(COMPUTE)
     lerp_weight = (1 - beta1).to(COMPUTE)
     one_minus_beta2 = (1 - beta2).to(COMPUTE)
     decay = (1 - lr * weight_decay).to(COMPUTE)
-    eps = _from_bits(eps_bits).to(COMPUTE)
     beta2 = beta2.to(COMPUTE)
     weight_decay = weight_decay.to(COMPUTE)
 

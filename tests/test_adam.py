@@ -1,0 +1,426 @@
+"""FusedAdam / FusedAdamW against torch.optim.Adam / AdamW: the same random problems, stepped
+side by side for ~50 steps, must give the same parameters and optimizer states."""
+import io
+
+import pytest
+import torch
+
+import kernels
+from kernels import FusedAdam, FusedAdamW
+
+HAS_CUDA = torch.cuda.is_available()
+# Odd sizes that do not divide the Triton block (64 under the interpreter), a scalar-like
+# tensor and an empty one; about 450 elements so that the interpreter stays quick.
+SHAPES = [(13, 17), (101,), (3, 5, 7), (1,), (0, 3)]
+STEPS = 50
+LR = 1e-2  # large enough that 50 steps move every parameter by ~0.5
+
+
+def make_problem(device, shapes=SHAPES, steps=STEPS, dtype=torch.float32, seed=0):
+    """Initial parameters and one gradient per parameter per step."""
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype) for s in shapes]
+             for _ in range(steps)]
+    return init, grads
+
+
+def train(make_opt, init, grads, *, params=None, opt=None, has_grad=None, scheduler=None, start=0):
+    """Run ``make_opt`` over ``grads[start:]``; ``has_grad(step, i)`` False leaves a gradient None."""
+    if params is None:
+        params = [p.clone().requires_grad_() for p in init]
+    if opt is None:
+        opt = make_opt(params)
+    sched = scheduler(opt) if scheduler else None
+    for step in range(start, len(grads)):
+        opt.zero_grad(set_to_none=True)
+        for i, (p, g) in enumerate(zip(params, grads[step])):
+            if has_grad is None or has_grad(step, i):
+                p.grad = g.clone()
+        opt.step()
+        if sched:
+            sched.step()
+    return params, opt
+
+
+def assert_same(ours, theirs, *, atol=1e-6, rtol=1e-5):
+    """Parameters and every piece of optimizer state match (the state keys too); float64
+    tensors to 1e-12."""
+    (p_ours, opt_ours), (p_theirs, opt_theirs) = ours, theirs
+    tolerance = dict(atol=atol, rtol=rtol)
+    for i, (a, b) in enumerate(zip(p_ours, p_theirs)):
+        atol, rtol = (1e-12, 1e-12) if a.dtype == torch.float64 else (tolerance["atol"], tolerance["rtol"])
+        torch.testing.assert_close(a.detach(), b.detach(), atol=atol, rtol=rtol, msg=lambda m: f"param {i}: {m}")
+        s_ours, s_theirs = opt_ours.state.get(a, {}), opt_theirs.state.get(b, {})
+        assert s_ours.keys() == s_theirs.keys(), f"param {i}: state keys {s_ours.keys()} vs {s_theirs.keys()}"
+        for key in s_theirs:
+            if key == "step":
+                assert float(s_ours[key]) == float(s_theirs[key]), f"param {i}: step"
+                assert s_ours[key].dtype == torch.float32 and s_ours[key].dim() == 0
+            else:
+                torch.testing.assert_close(s_ours[key], s_theirs[key].to(s_ours[key].dtype), atol=atol, rtol=rtol,
+                                           msg=lambda m: f"param {i} {key}: {m}")
+
+
+OPTIONS = {
+    "plain": (FusedAdam, torch.optim.Adam, {}),
+    "weight_decay": (FusedAdam, torch.optim.Adam, dict(weight_decay=0.1)),
+    "amsgrad": (FusedAdam, torch.optim.Adam, dict(amsgrad=True)),
+    "maximize": (FusedAdam, torch.optim.Adam, dict(maximize=True, weight_decay=0.05)),
+    "betas_eps": (FusedAdam, torch.optim.Adam, dict(betas=(0.3, 0.8), eps=1e-3)),
+    "adamw": (FusedAdamW, torch.optim.AdamW, dict(weight_decay=0.1)),
+    "adamw_amsgrad_maximize": (FusedAdamW, torch.optim.AdamW, dict(amsgrad=True, maximize=True)),
+    "adam_decoupled": (FusedAdam, torch.optim.Adam, dict(weight_decay=0.2, decoupled_weight_decay=True)),
+}
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_matches_torch(backend, option):
+    ours_cls, torch_cls, kwargs = OPTIONS[option]
+    init, grads = make_problem(backend.device)
+    ours = train(lambda ps: ours_cls(ps, lr=LR, **kwargs), init, grads)
+    theirs = train(lambda ps: torch_cls(ps, lr=LR, **kwargs), init, grads)
+    assert_same(ours, theirs)
+    assert not torch.equal(ours[0][0], init[0])
+
+
+def test_float64_and_mixed_dtypes_in_one_group(backend):
+    """float64 to 1e-12; a group mixing float32 and float64 takes one launch per dtype."""
+    init, grads = make_problem(backend.device, dtype=torch.float64, steps=20)
+    init[1], grads = init[1].float(), [[g if i != 1 else g.float() for i, g in enumerate(gs)] for gs in grads]
+    ours = train(lambda ps: FusedAdam(ps, lr=LR, amsgrad=True), init, grads)
+    theirs = train(lambda ps: torch.optim.Adam(ps, lr=LR, amsgrad=True), init, grads)
+    assert_same(ours, theirs)
+    assert ours[0][1].dtype == torch.float32 and ours[1].state[ours[0][1]]["exp_avg"].dtype == torch.float32
+
+
+def test_param_groups_and_none_grads(backend):
+    """Groups with their own hyper-parameters; a parameter that never has a gradient gets no
+    state, one whose gradient is None every other step keeps its own step count."""
+    init, grads = make_problem(backend.device)
+
+    def groups(ps):
+        return [dict(params=ps[:2], lr=0.02, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True),
+                dict(params=ps[2:4]),
+                dict(params=ps[4:], eps=1e-4, maximize=True)]
+
+    def has_grad(step, i):
+        return i != 3 and not (i == 1 and step % 2)
+
+    ours = train(lambda ps: FusedAdam(groups(ps), lr=LR), init, grads, has_grad=has_grad)
+    theirs = train(lambda ps: torch.optim.Adam(groups(ps), lr=LR), init, grads, has_grad=has_grad)
+    assert_same(ours, theirs)
+    params, opt = ours
+    assert params[3] not in opt.state
+    assert float(opt.state[params[1]]["step"]) == STEPS // 2
+
+
+SCHEDULERS = {
+    "step": (LR, lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)),
+    # OneCycleLR also cycles beta1 (cycle_momentum) every step.
+    "one_cycle": (LR, lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=STEPS)),
+    # A tensor lr is updated in place by the scheduler and read by the kernel from its memory.
+    "tensor_lr": (None, lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.95)),
+}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULERS)
+def test_lr_scheduler(backend, schedule):
+    lr, scheduler = SCHEDULERS[schedule]
+    init, grads = make_problem(backend.device)
+
+    def lr_value():
+        return torch.tensor(LR, device=backend.device) if lr is None else lr
+
+    ours = train(lambda ps: FusedAdam(ps, lr=lr_value()), init, grads, scheduler=scheduler)
+    theirs = train(lambda ps: torch.optim.Adam(ps, lr=lr_value(), foreach=False), init, grads, scheduler=scheduler)
+    assert_same(ours, theirs)
+    assert float(ours[1].param_groups[0]["lr"]) != LR
+
+
+def test_gradients_moving_between_steps(backend):
+    """Gradients that alternate between two sets of tensors (new addresses every step, the
+    table is rebuilt) and gradients updated in place (same addresses, the table is reused)."""
+    init, grads = make_problem(backend.device, steps=12)
+    buffers = [[g.clone() for g in grads[0]] for _ in range(2)]
+
+    def run(cls):
+        params = [p.clone().requires_grad_() for p in init]
+        opt = cls(params, lr=LR)
+        for step, gs in enumerate(grads):
+            for p, buf, g in zip(params, buffers[step % 2] if step < 6 else buffers[0], gs):
+                p.grad = buf
+                buf.copy_(g)
+            opt.step()
+        return params, opt
+
+    assert_same(run(FusedAdam), run(torch.optim.Adam))
+
+
+def test_zero_grad_and_closure(backend):
+    init, _ = make_problem(backend.device, shapes=[(4, 3)], steps=0)
+    x = torch.randn(5, 4, device=backend.device)
+
+    def run(cls):
+        w = init[0].clone().requires_grad_()
+        opt = cls([w], lr=LR)
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+
+            def closure():
+                loss = (x @ w).square().sum()
+                loss.backward()
+                return loss
+
+            losses.append(float(opt.step(closure).detach()))
+        assert w.grad is not None
+        opt.zero_grad()
+        assert w.grad is None
+        return [w], opt, losses
+
+    *ours, ours_losses = run(FusedAdam)
+    *theirs, theirs_losses = run(torch.optim.Adam)
+    assert_same(ours, theirs)
+    assert ours_losses == pytest.approx(theirs_losses, rel=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
+def test_state_dict_interchange(backend, direction):
+    """Train 20 steps with one class, move the state_dict (through torch.save) to the other,
+    train 20 more steps: the same as training all 40 with torch.optim.Adam."""
+    init, grads = make_problem(backend.device, steps=40)
+    kwargs = dict(lr=LR, amsgrad=True, weight_decay=0.01)
+    first, second = (torch.optim.Adam, FusedAdam) if direction == "torch_to_ours" else (FusedAdam, torch.optim.Adam)
+
+    params, opt = train(lambda ps: first(ps, **kwargs), init, grads[:20])
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    resumed_params = [p.detach().clone().requires_grad_() for p in params]
+    resumed = second(resumed_params, **kwargs)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed = train(None, init, grads, params=resumed_params, opt=resumed, start=20)
+    reference = train(lambda ps: torch.optim.Adam(ps, **kwargs), init, grads)
+    assert_same(resumed, reference)
+
+
+def test_loaded_state_is_not_shared_with_the_source(backend):
+    """torch keeps loaded state tensors shared with the state_dict; ours are copies, so the
+    source optimizer can keep training alongside."""
+    init, grads = make_problem(backend.device, steps=20)
+    params, opt = train(lambda ps: torch.optim.Adam(ps, lr=LR), init, grads[:10])
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    twin = FusedAdam(twin_params, lr=LR)
+    twin.load_state_dict(opt.state_dict())
+    train(None, init, grads, params=params, opt=opt, start=10)
+    twin = train(None, init, grads, params=twin_params, opt=twin, start=10)
+    assert_same(twin, (params, opt))
+
+
+def test_state_dict_format(backend):
+    """The keys and dtypes of torch.optim.Adam's state_dict."""
+    init, grads = make_problem(backend.device, steps=2)
+    ours = train(lambda ps: FusedAdam(ps, lr=LR, amsgrad=True), init, grads)[1].state_dict()
+    theirs = train(lambda ps: torch.optim.Adam(ps, lr=LR, amsgrad=True), init, grads)[1].state_dict()
+    assert ours["param_groups"][0].keys() == theirs["param_groups"][0].keys()
+    assert ours["state"].keys() == theirs["state"].keys()
+    for key, state in theirs["state"].items():
+        assert list(ours["state"][key]) == list(state)
+        for name, value in state.items():
+            assert ours["state"][key][name].shape == value.shape and ours["state"][key][name].dtype == value.dtype
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(lr=-1e-3), dict(eps=-1e-8), dict(betas=(1.0, 0.999)), dict(betas=(0.9, -0.1)),
+    dict(weight_decay=-0.1), dict(lr=torch.tensor([1e-3, 1e-3])),
+], ids=["lr", "eps", "beta1", "beta2", "weight_decay", "lr_tensor_shape"])
+def test_bad_hyperparameters_rejected_as_torch_does(kwargs):
+    with pytest.raises(ValueError) as theirs:
+        torch.optim.Adam([torch.zeros(2, requires_grad=True)], **kwargs)
+    with pytest.raises(ValueError) as ours:
+        FusedAdam([torch.zeros(2, requires_grad=True)], **kwargs)
+    assert str(ours.value) == str(theirs.value)
+    with pytest.raises(ValueError, match=str(theirs.value).split(":")[0]):
+        FusedAdam([{"params": [torch.zeros(2, requires_grad=True)], **kwargs}])
+
+
+@pytest.mark.parametrize("flag", ["foreach", "differentiable"])
+def test_unsupported_flags(flag):
+    with pytest.raises(ValueError, match=f"{flag}=True is not supported"):
+        FusedAdam([torch.zeros(2, requires_grad=True)], **{flag: True})
+
+
+def test_sparse_gradient_rejected(backend):
+    p = torch.zeros(4, 3, device=backend.device, requires_grad=True)
+    opt = FusedAdam([p])
+    p.grad = torch.ones(4, 3, device=backend.device).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+
+
+def test_mixed_devices_rejected():
+    with pytest.raises(ValueError, match="own parameter group"):
+        FusedAdam([torch.zeros(2, requires_grad=True), torch.zeros(2, device="meta", requires_grad=True)])
+
+
+def test_unsupported_dtypes_rejected(monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "cpu")
+    with pytest.raises(TypeError, match="the cpu backend supports float32, float64"):
+        FusedAdam([torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)])
+    with pytest.raises(TypeError, match="floating-point"):
+        FusedAdam([torch.zeros(2, dtype=torch.int64)])
+    opt = FusedAdam([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(TypeError, match="float16"):
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.float16, requires_grad=True)]})
+    assert len(opt.param_groups) == 1
+
+
+def test_cpu_threads_split_tensors():
+    """Enough elements for several threads: the threads' ranges cut through tensors."""
+    torch.set_num_threads(max(2, torch.get_num_threads()))
+    init, grads = make_problem("cpu", shapes=[(300, 301), (7,), (257,)], steps=5)
+    for dtype in (torch.float32, torch.float64):
+        ps = [p.to(dtype) for p in init]
+        gs = [[g.to(dtype) for g in step] for step in grads]
+        assert_same(train(lambda p: FusedAdam(p, lr=LR), ps, gs), train(lambda p: torch.optim.Adam(p, lr=LR), ps, gs))
+
+
+def test_torch_reference_backend(monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    init, grads = make_problem("cpu", steps=10)
+    ours = train(lambda ps: FusedAdamW(ps, lr=LR, amsgrad=True), init, grads)
+    assert_same(ours, train(lambda ps: torch.optim.AdamW(ps, lr=LR, amsgrad=True), init, grads), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# GPU only
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_with_float32_states(dtype):
+    """bf16/fp16 parameters and gradients, float32 states: each step equals torch.optim.Adam
+    run on a float32 copy of the parameters, rounded back to the parameter dtype."""
+    init, grads = make_problem("cuda", shapes=[(1000, 37), (4097,), (3,)], steps=30)
+    params = [p.to(dtype).requires_grad_() for p in init]
+    opt = FusedAdam(params, lr=LR, weight_decay=0.01, amsgrad=True)
+    masters = [p.detach().float().requires_grad_() for p in params]
+    reference = torch.optim.Adam(masters, lr=LR, weight_decay=0.01, amsgrad=True)
+    for gs in grads:
+        for p, m, g in zip(params, masters, gs):
+            p.grad = g.to(dtype)
+            m.grad = p.grad.float()
+            m.data.copy_(p.detach().float())
+        opt.step()
+        reference.step()
+        for p, m in zip(params, masters):
+            torch.testing.assert_close(p.detach(), m.detach().to(dtype), atol=0, rtol=2 ** -7)
+    for p, m in zip(params, masters):
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert opt.state[p][key].dtype == torch.float32
+            torch.testing.assert_close(opt.state[p][key], reference.state[m][key], atol=1e-6, rtol=1e-4)
+    # A checkpoint keeps the float32 moments through a round trip.
+    clone = FusedAdam([p.detach().clone().requires_grad_() for p in params], lr=LR)
+    clone.load_state_dict(opt.state_dict())
+    for a, b in zip(clone.param_groups[0]["params"], params):
+        assert torch.equal(clone.state[a]["exp_avg"], opt.state[b]["exp_avg"])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_step_replayed_from_cuda_graph():
+    """opt.step() captured once, replayed with new gradients copied into the same tensors and a
+    tensor lr changed in place between replays: the same as eager torch.optim.Adam."""
+    init, grads = make_problem("cuda", steps=20)
+    lr = torch.tensor(LR, device="cuda")
+    params = [p.clone().requires_grad_() for p in init]
+    for p, g in zip(params, grads[0]):
+        p.grad = g.clone()
+    opt = FusedAdam(params, lr=lr, amsgrad=True, capturable=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()  # warm-up: compiles the kernel and creates the states
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+
+    ref_params = [p.clone().requires_grad_() for p in init]
+    ref = torch.optim.Adam(ref_params, lr=LR, amsgrad=True)
+    for p, g in zip(ref_params, grads[0]):
+        p.grad = g.clone()
+    ref.step()
+    for step, gs in enumerate(grads[1:]):
+        for p, r, g in zip(params, ref_params, gs):
+            p.grad.copy_(g)
+            r.grad = g.clone()
+        new_lr = LR * 0.9 ** step
+        lr.fill_(new_lr)
+        ref.param_groups[0]["lr"] = new_lr
+        graph.replay()
+        ref.step()
+    torch.cuda.synchronize()
+    assert_same((params, opt), (ref_params, ref))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_whole_training_step_in_cuda_graph():
+    """PyTorch's whole-network capture recipe: zero_grad(set_to_none=True) before capture, so
+    the gradients captured backward creates are new tensors (the optimizer rebuilds its table
+    inside the capture). Replays train like eager torch.optim.Adam."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 33), torch.nn.ReLU(), torch.nn.Linear(33, 5)).cuda()
+    ref_model = torch.nn.Sequential(torch.nn.Linear(20, 33), torch.nn.ReLU(), torch.nn.Linear(33, 5)).cuda()
+    ref_model.load_state_dict(model.state_dict())
+    opt = FusedAdam(model.parameters(), lr=LR, capturable=True)
+    ref = torch.optim.Adam(ref_model.parameters(), lr=LR)
+    data = [(torch.randn(16, 20, device="cuda"), torch.randint(0, 5, (16,), device="cuda")) for _ in range(12)]
+    static_x, static_y = data[0][0].clone(), data[0][1].clone()
+
+    def train_step(m, o):
+        loss = torch.nn.functional.cross_entropy(m(static_x), static_y)
+        loss.backward()
+        o.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in data[:3]:
+            static_x.copy_(x), static_y.copy_(y)
+            opt.zero_grad(set_to_none=True)
+            train_step(model, opt)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = train_step(model, opt)
+
+    for x, y in data[:3]:
+        static_x.copy_(x), static_y.copy_(y)
+        ref.zero_grad(set_to_none=True)
+        train_step(ref_model, ref)
+    for x, y in data[3:]:
+        static_x.copy_(x), static_y.copy_(y)
+        graph.replay()
+        loss = static_loss.clone()
+        ref.zero_grad(set_to_none=True)
+        ref_loss = train_step(ref_model, ref)
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    torch.cuda.synchronize()
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        assert float(opt.state[a]["step"]) == float(ref.state[b]["step"]) == len(data)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_capture_needs_capturable():
+    p = torch.zeros(3, device="cuda", requires_grad=True)
+    p.grad = torch.ones(3, device="cuda")
+    opt = FusedAdam([p])
+    opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capturable is False"):
+        with torch.cuda.graph(graph):
+            opt.step()
