@@ -396,8 +396,8 @@ class FusedAdam(torch.optim.Optimizer):
         plans = self._plans
         for index, group in enumerate(self.param_groups):
             plan = plans[index] if index < len(plans) else None
-            if (plan is None or plan.group is not group or plan.amsgrad != group["amsgrad"]
-                    or plan.num_params != len(group["params"])):
+            if (plan is None or plan.group is not group or plan.params is not group["params"]
+                    or plan.num_params != len(plan.params) or plan.amsgrad != group["amsgrad"]):
                 plan = self._plan(index, group)
             plan.step(group)
         return loss

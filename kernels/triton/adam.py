@@ -109,7 +109,10 @@ def adam_kernel(tensors, chunks, tickets, lr_ptr, chunk_size,
         max_exp_avg_sq = tl.multiple_of(max_exp_avg_sq, 16)
 
     old_step = tl.load(step_ptr)
-    ticket = tl.atomic_add(tickets + row, 1)  # after the read of old_step (acq_rel)
+    # Every thread of the program has read old_step before the ticket is taken (one thread
+    # takes it; its acq_rel ordering covers the reads of the others through the barrier).
+    tl.debug_barrier()
+    ticket = tl.atomic_add(tickets + row, 1)
     last = ticket == num_chunks - 1
     tl.store(step_ptr, old_step + 1, mask=last)
     tl.store(tickets + row, 0, mask=last)
