@@ -71,6 +71,7 @@ OPTIONS = {
     "adamw": (FusedAdamW, torch.optim.AdamW, dict(weight_decay=0.1)),
     "adamw_amsgrad_maximize": (FusedAdamW, torch.optim.AdamW, dict(amsgrad=True, maximize=True)),
     "adam_decoupled": (FusedAdam, torch.optim.Adam, dict(weight_decay=0.2, decoupled_weight_decay=True)),
+    "tensor_betas": (FusedAdam, torch.optim.Adam, dict(betas=(torch.tensor(0.8), torch.tensor(0.99)))),
 }
 
 
@@ -79,7 +80,8 @@ def test_matches_torch(backend, option):
     ours_cls, torch_cls, kwargs = OPTIONS[option]
     init, grads = make_problem(backend.device)
     ours = train(lambda ps: ours_cls(ps, lr=LR, **kwargs), init, grads)
-    theirs = train(lambda ps: torch_cls(ps, lr=LR, **kwargs), init, grads)
+    # torch's single-tensor path on every device (its foreach path rejects tensor betas)
+    theirs = train(lambda ps: torch_cls(ps, lr=LR, foreach=False, **kwargs), init, grads)
     assert_same(ours, theirs)
     assert not torch.equal(ours[0][0], init[0])
 
@@ -137,6 +139,22 @@ def test_lr_scheduler(backend, schedule):
     theirs = train(lambda ps: torch.optim.Adam(ps, lr=lr_value(), foreach=False), init, grads, scheduler=scheduler)
     assert_same(ours, theirs)
     assert float(ours[1].param_groups[0]["lr"]) != LR
+
+
+def test_one_launch_per_group(backend, monkeypatch):
+    """Each group's step is one kernel call, whatever its number of tensors."""
+    if backend.name == "cpu":
+        module, name = kernels._dispatch.cpp(), "adam_step"
+    else:
+        module, name = kernels._dispatch.triton_op("adam"), "adam_step"
+    calls = []
+    launch = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or launch(*a, **k))
+    init, grads = make_problem(backend.device, steps=2)
+    params = [p.clone().requires_grad_() for p in init]
+    opt = FusedAdam([{"params": params[:3]}, {"params": params[3:], "lr": 0.1}], lr=LR)
+    train(None, init, grads, params=params, opt=opt)
+    assert len(calls) == 2 * len(grads)
 
 
 def test_gradients_moving_between_steps(backend):
@@ -279,12 +297,17 @@ def test_unsupported_dtypes_rejected(monkeypatch):
 
 def test_cpu_threads_split_tensors():
     """Enough elements for several threads: the threads' ranges cut through tensors."""
-    torch.set_num_threads(max(2, torch.get_num_threads()))
-    init, grads = make_problem("cpu", shapes=[(300, 301), (7,), (257,)], steps=5)
-    for dtype in (torch.float32, torch.float64):
-        ps = [p.to(dtype) for p in init]
-        gs = [[g.to(dtype) for g in step] for step in grads]
-        assert_same(train(lambda p: FusedAdam(p, lr=LR), ps, gs), train(lambda p: torch.optim.Adam(p, lr=LR), ps, gs))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        init, grads = make_problem("cpu", shapes=[(300, 301), (7,), (257,)], steps=5)
+        for dtype in (torch.float32, torch.float64):
+            ps = [p.to(dtype) for p in init]
+            gs = [[g.to(dtype) for g in step] for step in grads]
+            assert_same(train(lambda p: FusedAdam(p, lr=LR), ps, gs),
+                        train(lambda p: torch.optim.Adam(p, lr=LR), ps, gs))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_torch_reference_backend(monkeypatch):
