@@ -1,0 +1,412 @@
+// Fused Linear + bias + activation on the CPU: y = act(x W^T + b) and its backward.
+//
+//   forward   z[m,n] = sum_k x[m,k] W[n,k] + b[n],   y = act(z)
+//   backward  dz = dy * act'(y)      (relu: y > 0, sigmoid: y (1 - y), tanh: 1 - y^2, none: 1)
+//             dx = dz W,   dW = dz^T x,   db = sum_m dz[m, :]
+//
+// x (M, K), W (N, K), y and dy (M, N) are contiguous row-major. Every GEMM here is written
+// around a register-tiled micro-kernel over Vec<T, VB> (see common.h), compiled once per ISA:
+//
+// * forward: x and W are both contiguous along the reduction axis k, so the micro-kernel keeps
+//   an MR x NR tile of dot products as vectors over k (no packing of either operand), folds
+//   the MR*NR vectors into lanes at the end and applies bias and activation to that vector
+//   before it is stored.
+// * dx = dz W and dW = dz^T x: the output rows are contiguous along k like the rows of W and x,
+//   so the micro-kernel broadcasts dz entries against rows of W or x (outer-product form). dz is
+//   formed from dy and y while packing the broadcast operand into a small buffer (never a full
+//   (M, N) pass), and db is summed during the packing for dW.
+#include "common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace kernels {
+namespace {
+
+enum class Act { none, relu, sigmoid, tanh };
+
+Act parse_activation(const std::string& name) {
+  if (name == "none") return Act::none;
+  if (name == "relu") return Act::relu;
+  if (name == "sigmoid") return Act::sigmoid;
+  if (name == "tanh") return Act::tanh;
+  throw std::invalid_argument("kernels._C.linear: unknown activation " + name);
+}
+
+// Calls f(std::integral_constant<Act, a>{}) so the activation is a compile-time constant inside.
+template <class F>
+void dispatch_activation(Act a, F&& f) {
+  switch (a) {
+    case Act::none: return f(std::integral_constant<Act, Act::none>{});
+    case Act::relu: return f(std::integral_constant<Act, Act::relu>{});
+    case Act::sigmoid: return f(std::integral_constant<Act, Act::sigmoid>{});
+    case Act::tanh: return f(std::integral_constant<Act, Act::tanh>{});
+  }
+}
+
+template <Act A, class T, int VB>
+KERNELS_INLINE Vec<T, VB> activate(Vec<T, VB> z) {
+  if constexpr (A == Act::relu) {
+    return z > T(0) ? z : T(0);
+  } else if constexpr (A == Act::sigmoid) {
+    for (int i = 0; i < lanes<T, VB>; ++i) z[i] = T(1) / (T(1) + std::exp(-z[i]));
+    return z;
+  } else if constexpr (A == Act::tanh) {
+    for (int i = 0; i < lanes<T, VB>; ++i) z[i] = std::tanh(z[i]);
+    return z;
+  } else {
+    return z;
+  }
+}
+
+// dz = dy * act'(z), written with the activation's output y; V is T or Vec<T, VB>.
+template <Act A, class T, class V>
+KERNELS_INLINE V activation_grad(V dy, V y) {
+  if constexpr (A == Act::relu) return y > T(0) ? dy : T(0);
+  else if constexpr (A == Act::sigmoid) return dy * y * (T(1) - y);
+  else if constexpr (A == Act::tanh) return dy * (T(1) - y * y);
+  else return dy;
+}
+
+// The first n (< lanes) entries at p, zeros after them; reads nothing past p + n.
+template <class T, int VB>
+KERNELS_INLINE Vec<T, VB> load_partial(const T* p, int n) {
+  Vec<T, VB> v{};
+  for (int l = 0; l < n; ++l) v[l] = p[l];
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward: MR x NR dot products per micro-tile, vectors along k.
+
+template <class T, int VB>
+struct ForwardTile {
+  // 32 vector registers with AVX-512 hold 16 accumulators plus the operands; 16 registers
+  // otherwise hold 8. MR * NR is a multiple of the lane count so the fold fills whole vectors.
+  static constexpr int MR = VB == 64 ? 4 : 2;
+  static constexpr int NR = 4;
+};
+
+// Lane masks for fold(): index sequence -> Vec of integer shuffle indices.
+template <class T>
+using lane_index_t = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
+
+template <class T, int VB, int S, bool HI, size_t... t>
+constexpr Vec<lane_index_t<T>, VB> fold_mask(std::index_sequence<t...>) {
+  constexpr int L = lanes<T, VB>;
+  // Within each segment of 2S lanes: the first S lanes take a's half, the last S lanes b's.
+  return Vec<lane_index_t<T>, VB>{lane_index_t<T>(
+      (int(t) % (2 * S) < S ? 0 : L) + int(t) / (2 * S) * (2 * S) + int(t) % S + (HI ? S : 0))...};
+}
+
+// For each segment of 2S lanes: [a_lo + a_hi, b_lo + b_hi] where lo/hi are its S-lane halves.
+template <int S, class T, int VB>
+KERNELS_INLINE Vec<T, VB> fold(Vec<T, VB> a, Vec<T, VB> b) {
+  constexpr auto lo = fold_mask<T, VB, S, false>(std::make_index_sequence<lanes<T, VB>>{});
+  constexpr auto hi = fold_mask<T, VB, S, true>(std::make_index_sequence<lanes<T, VB>>{});
+  return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+}
+
+// v[0..L) -> one vector whose lane j is the horizontal sum of v[j].
+template <int H, class T, int VB>
+KERNELS_INLINE void fold_all(Vec<T, VB>* v) {
+  if constexpr (H >= 1) {
+    for (int i = 0; i < H; ++i) v[i] = fold<H, T, VB>(v[i], v[i + H]);
+    fold_all<H / 2, T, VB>(v);
+  }
+}
+
+// y[rows, cols] = act(x[rows] . W[cols] + bias) for one MR x NR tile. Row and column indices
+// past the matrix edge are clamped (computed again, never stored), so the kernel reads in bounds.
+// `bias` holds the tile's bias in tile order (lane i*NR + j of the flattened tile gets b[n0 + j]).
+template <Act A, int VB, class T>
+KERNELS_INLINE void forward_tile(const T* x, const T* w, const Vec<T, VB>* bias, T* y, int64_t N, int64_t K,
+                                 int64_t m0, int mr, int64_t n0, int nr) {
+  using V = Vec<T, VB>;
+  constexpr int L = lanes<T, VB>;
+  constexpr int MR = ForwardTile<T, VB>::MR, NR = ForwardTile<T, VB>::NR, G = (MR * NR + L - 1) / L;
+  const T* xr[MR];
+  const T* wr[NR];
+  for (int i = 0; i < MR; ++i) xr[i] = x + (m0 + std::min(i, mr - 1)) * K;
+  for (int j = 0; j < NR; ++j) wr[j] = w + (n0 + std::min(j, nr - 1)) * K;
+
+  V acc[G * L] = {};
+  const int64_t k_full = K / L * L;
+  for (int64_t k = 0; k < k_full; k += L) {
+    V xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = vload<T, VB>(xr[i] + k);
+    for (int j = 0; j < NR; ++j) {
+      const V wv = vload<T, VB>(wr[j] + k);
+      for (int i = 0; i < MR; ++i) acc[i * NR + j] += xv[i] * wv;
+    }
+  }
+  if (k_full < K) {  // the last K % L entries, zero-padded
+    V xv[MR], wv[NR];
+    for (int i = 0; i < MR; ++i) xv[i] = load_partial<T, VB>(xr[i] + k_full, int(K - k_full));
+    for (int j = 0; j < NR; ++j) wv[j] = load_partial<T, VB>(wr[j] + k_full, int(K - k_full));
+    for (int j = 0; j < NR; ++j)
+      for (int i = 0; i < MR; ++i) acc[i * NR + j] += xv[i] * wv[j];
+  }
+
+  // Fold each group of L accumulators into one vector of L dot products, add the bias and
+  // apply the activation on that vector, then store the tile's valid rows.
+  T out[G * L];
+  for (int g = 0; g < G; ++g) {
+    fold_all<L / 2, T, VB>(acc + g * L);
+    vstore<T, VB>(out + g * L, activate<A, T, VB>(acc[g * L] + bias[g]));
+  }
+  T* yt = y + m0 * N + n0;
+  if (nr == NR) {
+    for (int i = 0; i < mr; ++i) std::memcpy(yt + i * N, out + i * NR, NR * sizeof(T));
+  } else {
+    for (int i = 0; i < mr; ++i)
+      for (int j = 0; j < nr; ++j) yt[i * N + j] = out[i * NR + j];
+  }
+}
+
+// One thread's share of the forward: the tiles of rows [m_begin, m_end) x cols [n_begin, n_end).
+// A block of rows of x stays in L2 while a group of NR rows of W stays in L1.
+template <int VB, class T, Act A>
+KERNELS_INLINE void forward_block_impl(const T* x, const T* w, const T* b, T* y, int64_t N, int64_t K,
+                                       int64_t m_begin, int64_t m_end, int64_t n_begin, int64_t n_end,
+                                       std::integral_constant<Act, A>) {
+  using V = Vec<T, VB>;
+  constexpr int L = lanes<T, VB>;
+  constexpr int MR = ForwardTile<T, VB>::MR, NR = ForwardTile<T, VB>::NR, G = (MR * NR + L - 1) / L;
+  const int64_t mc = std::max<int64_t>(MR, (int64_t(1) << 18) / int64_t(sizeof(T) * K) / MR * MR);
+  for (int64_t mb = m_begin; mb < m_end; mb += mc) {
+    const int64_t me = std::min(m_end, mb + mc);
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
+      const int nr = int(std::min<int64_t>(NR, n_end - n0));
+      V bias[G] = {};
+      if (b)
+        for (int g = 0; g < G; ++g)
+          for (int l = 0; l < L; ++l) bias[g][l] = b[n0 + std::min((g * L + l) % NR, nr - 1)];
+      for (int64_t m0 = mb; m0 < me; m0 += MR)
+        forward_tile<A, VB, T>(x, w, bias, y, N, K, m0, int(std::min<int64_t>(MR, me - m0)), n0, nr);
+    }
+  }
+}
+KERNELS_MULTIVERSION(forward_block, forward_block_impl)
+
+// ---------------------------------------------------------------------------------------
+// Backward: C (R x K) = A (R x S) . B (S x K) with B's rows contiguous, for dx (A = dz,
+// B = W) and dW (A = dz^T, B = x). The micro-kernel broadcasts MR entries of A against NV
+// vectors of a row of B. A is packed per MR rows into panel[s * MR + i], forming dz from dy
+// and y on the way, so its broadcasts are consecutive; rows past R are packed as zeros.
+
+template <class T, int VB>
+struct OuterTile {
+  // 24 accumulators of 32 registers with AVX-512, 12 of 16 otherwise.
+  static constexpr int MR = VB == 64 ? 8 : 6;
+  static constexpr int NV = VB == 64 ? 3 : 2;
+};
+
+// Reduction entries per pass over a C tile: keeps the panels of A and B in L1/L2 for large S.
+constexpr int64_t kReductionBlock = 512;
+
+// Packs dz(r0 + i, s) = dy * act'(y) at offset i * stride_i + s * stride_s of dy and y, for
+// i < rows (zeros up to MR) and s < S, into panel[s * MR + i]. With `sums`, also adds
+// sum_s dz(r0 + i, s) to sums[i] (the bias gradient when A = dz^T).
+template <Act A, int MR, class T>
+KERNELS_INLINE void pack_dz(const T* dy, const T* y, int64_t stride_i, int64_t stride_s, int rows, int64_t S,
+                            T* panel, T* sums) {
+  T total[MR] = {};
+  for (int64_t s = 0; s < S; ++s) {
+    for (int i = 0; i < MR; ++i) {
+      T g = T(0);
+      if (i < rows) {
+        const int64_t at = i * stride_i + s * stride_s;
+        g = activation_grad<A, T>(dy[at], y ? y[at] : T(0));
+      }
+      panel[s * MR + i] = g;
+      total[i] += g;
+    }
+  }
+  if (sums)
+    for (int i = 0; i < rows; ++i) sums[i] = total[i];
+}
+
+// c[i, 0..cols) (+)= sum_{s < S} panel[s * MR + i] * b[s * ldb + 0..cols) for i < rows,
+// where cols <= NV * L and b holds NV full vectors per row.
+template <int MR, int NV, class T, int VB>
+KERNELS_INLINE void outer_tile(const T* panel, const T* b, int64_t ldb, int64_t S, T* c, int64_t ldc, int rows,
+                               int cols, bool accumulate) {
+  using V = Vec<T, VB>;
+  constexpr int L = lanes<T, VB>;
+  V acc[MR][NV] = {};
+  for (int64_t s = 0; s < S; ++s) {
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = vload<T, VB>(b + s * ldb + v * L);
+    for (int i = 0; i < MR; ++i) {
+      const V a = vsplat<T, VB>(panel[s * MR + i]);
+      for (int v = 0; v < NV; ++v) acc[i][v] += a * bv[v];
+    }
+  }
+  for (int i = 0; i < rows; ++i) {
+    T* ci = c + i * ldc;
+    if (cols == NV * L) {
+      for (int v = 0; v < NV; ++v) vstore<T, VB>(ci + v * L, accumulate ? vload<T, VB>(ci + v * L) + acc[i][v] : acc[i][v]);
+    } else {
+      T out[NV * L];
+      for (int v = 0; v < NV; ++v) vstore<T, VB>(out + v * L, acc[i][v]);
+      for (int j = 0; j < cols; ++j) ci[j] = accumulate ? ci[j] + out[j] : out[j];
+    }
+  }
+}
+
+// outer_tile with nv <= NV vectors per row chosen at run time (the last column tile may be narrower).
+template <int MR, int NV, class T, int VB>
+KERNELS_INLINE void outer_tile_cols(int nv, const T* panel, const T* b, int64_t ldb, int64_t S, T* c, int64_t ldc,
+                                    int rows, int cols, bool accumulate) {
+  if constexpr (NV > 1)
+    if (nv < NV) return outer_tile_cols<MR, NV - 1, T, VB>(nv, panel, b, ldb, S, c, ldc, rows, cols, accumulate);
+  outer_tile<MR, NV, T, VB>(panel, b, ldb, S, c, ldc, rows, cols, accumulate);
+}
+
+// C (R x K, row stride K) = A . B, where `panels` holds A packed by pack_dz: MR * S entries
+// per row tile. Column tiles of NV vectors outermost, so that the panel of B (S x NV vectors)
+// is reused by every row tile from L1/L2.
+template <int VB, class T>
+KERNELS_INLINE void gemm_panels(const T* panels, int64_t S, const T* b, int64_t K, T* c, int64_t R) {
+  constexpr int L = lanes<T, VB>;
+  constexpr int MR = OuterTile<T, VB>::MR, NV = OuterTile<T, VB>::NV, KR = NV * L;
+  std::vector<T> padded;  // B's last column tile when K is not a multiple of L
+  for (int64_t k0 = 0; k0 < K; k0 += KR) {
+    const int cols = int(std::min<int64_t>(KR, K - k0));
+    const int nv = (cols + L - 1) / L;
+    const T* bk = b + k0;
+    int64_t ldb = K;
+    if (cols % L) {
+      padded.assign(S * nv * L, T(0));
+      for (int64_t s = 0; s < S; ++s) std::memcpy(&padded[s * nv * L], b + s * K + k0, cols * sizeof(T));
+      bk = padded.data();
+      ldb = nv * L;
+    }
+    int64_t s0 = 0;
+    do {  // at least once: an empty reduction (S = 0) stores zeros
+      const int64_t sc = std::min(kReductionBlock, S - s0);
+      for (int64_t r0 = 0; r0 < R; r0 += MR) {
+        const T* panel = panels + r0 * S + s0 * MR;
+        T* ct = c + r0 * K + k0;
+        const int rows = int(std::min<int64_t>(MR, R - r0));
+        outer_tile_cols<MR, NV, T, VB>(nv, panel, bk + s0 * ldb, ldb, sc, ct, K, rows, cols, s0 > 0);
+      }
+    } while ((s0 += kReductionBlock) < S);
+  }
+}
+
+// dx[m_begin, m_end) = dz W: packs those rows of dz in tiles of MR, then the GEMM against W.
+template <int VB, class T, Act A>
+KERNELS_INLINE void grad_input_impl(const T* dy, const T* y, const T* w, T* dx, int64_t N, int64_t K,
+                                    int64_t m_begin, int64_t m_end, std::integral_constant<Act, A>) {
+  constexpr int MR = OuterTile<T, VB>::MR;
+  const int64_t R = m_end - m_begin;
+  std::vector<T> panels((R + MR - 1) / MR * MR * N);
+  for (int64_t r0 = 0; r0 < R; r0 += MR) {
+    const int64_t at = (m_begin + r0) * N;
+    pack_dz<A, MR>(dy + at, y ? y + at : nullptr, N, 1, int(std::min<int64_t>(MR, R - r0)), N, &panels[r0 * N],
+                   static_cast<T*>(nullptr));
+  }
+  gemm_panels<VB>(panels.data(), N, w, K, dx + m_begin * K, R);
+}
+KERNELS_MULTIVERSION(grad_input, grad_input_impl)
+
+// dW[n_begin, n_end) = dz^T x and db[n_begin, n_end) = column sums of dz (either may be null).
+template <int VB, class T, Act A>
+KERNELS_INLINE void grad_weight_impl(const T* dy, const T* y, const T* x, T* dw, T* db, int64_t M, int64_t N,
+                                     int64_t K, int64_t n_begin, int64_t n_end, std::integral_constant<Act, A>) {
+  constexpr int MR = OuterTile<T, VB>::MR;
+  const int64_t R = n_end - n_begin;
+  std::vector<T> panels((R + MR - 1) / MR * MR * M);
+  for (int64_t r0 = 0; r0 < R; r0 += MR) {
+    const int64_t n0 = n_begin + r0;
+    pack_dz<A, MR>(dy + n0, y ? y + n0 : nullptr, 1, N, int(std::min<int64_t>(MR, R - r0)), M, &panels[r0 * M],
+                   db ? db + n0 : nullptr);
+  }
+  if (dw) gemm_panels<VB>(panels.data(), M, x, K, dw + n_begin * K, R);
+}
+KERNELS_MULTIVERSION(grad_weight, grad_weight_impl)
+
+// ---------------------------------------------------------------------------------------
+// Entry points. Each splits its rows (or, for the forward, the dimension with more tiles)
+// into one contiguous range of micro-tiles per thread.
+
+// Rows [begin, end) of thread t of `threads` when `rows` are dealt out in multiples of `granule`.
+inline std::pair<int64_t, int64_t> share(int64_t rows, int64_t granule, int t, int threads) {
+  const int64_t units = (rows + granule - 1) / granule;
+  return {std::min(rows, units * t / threads * granule), std::min(rows, units * (t + 1) / threads * granule)};
+}
+
+template <class T>
+void forward(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t N, int64_t K,
+             Act act, int num_threads) {
+  if (M == 0 || N == 0) return;
+  constexpr int64_t kGranule = 4;  // a multiple of every ISA's ForwardTile MR and NR
+  const bool split_n = N >= M;  // the dimension with more tiles
+  const int threads = threads_for(M * N * K, num_threads, int64_t(1) << 17);
+  dispatch_activation(act, [&](auto a) {
+    parallel_for(threads, threads, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const auto [rb, re] = share(split_n ? N : M, kGranule, int(t), threads);
+        if (split_n)
+          forward_block(ptr<const T>(x), ptr<const T>(w), ptr<const T>(b), ptr<T>(y), N, K, int64_t(0), M, rb, re, a);
+        else
+          forward_block(ptr<const T>(x), ptr<const T>(w), ptr<const T>(b), ptr<T>(y), N, K, rb, re, int64_t(0), N, a);
+      }
+    });
+  });
+}
+
+template <class T>
+void backward(uintptr_t dy, uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t dx, uintptr_t dw, uintptr_t db,
+              int64_t M, int64_t N, int64_t K, Act act, int num_threads) {
+  constexpr int64_t kGranule = 8;  // the AVX-512 OuterTile MR: each thread's range starts on a tile
+  const int64_t work = (dx ? M * N * K : 0) + (dw ? M * N * K : M * N);
+  const int threads = threads_for(work, num_threads, int64_t(1) << 17);
+  dispatch_activation(act, [&](auto a) {
+    parallel_for(threads, threads, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        if (dx) {
+          const auto [mb, me] = share(M, kGranule, int(t), threads);
+          grad_input(ptr<const T>(dy), ptr<const T>(y), ptr<const T>(w), ptr<T>(dx), N, K, mb, me, a);
+        }
+        if (dw || db) {
+          const auto [nb, ne] = share(N, kGranule, int(t), threads);
+          grad_weight(ptr<const T>(dy), ptr<const T>(y), ptr<const T>(x), ptr<T>(dw), ptr<T>(db), M, N, K, nb, ne, a);
+        }
+      }
+    });
+  });
+}
+
+static Register bindings([](py::module_& m) {
+  m.def(
+      "linear_forward",
+      [](uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t N, int64_t K,
+         const std::string& activation, const std::string& dtype, int num_threads) {
+        const Act act = parse_activation(activation);
+        py::gil_scoped_release release;
+        dispatch_dtype(dtype, [&](auto t) { forward<decltype(t)>(x, w, b, y, M, N, K, act, num_threads); });
+      },
+      "y = act(x W^T + b) for contiguous x (M, K), W (N, K), b (N) or 0, y (M, N).");
+  m.def(
+      "linear_backward",
+      [](uintptr_t dy, uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t dx, uintptr_t dw, uintptr_t db, int64_t M,
+         int64_t N, int64_t K, const std::string& activation, const std::string& dtype, int num_threads) {
+        const Act act = parse_activation(activation);
+        py::gil_scoped_release release;
+        dispatch_dtype(dtype, [&](auto t) {
+          backward<decltype(t)>(dy, y, x, w, dx, dw, db, M, N, K, act, num_threads);
+        });
+      },
+      "Gradients of y = act(x W^T + b) from dy (M, N) and y (0 for activation none): dx (M, K), "
+      "dW (N, K), db (N), each written when its address is not 0.");
+});
+
+}  // namespace
+}  // namespace kernels
