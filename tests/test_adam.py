@@ -204,6 +204,20 @@ def test_zero_grad_and_closure(backend):
     assert ours_losses == pytest.approx(theirs_losses, rel=1e-6)
 
 
+def test_step_hooks():
+    """Step pre/post hooks run as in torch.optim (their wrapper only runs when one is registered)."""
+    p = torch.zeros(3, requires_grad=True)
+    opt = FusedAdam([p], lr=LR)
+    seen = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: seen.append("pre"))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: seen.append("post"))
+    p.grad = torch.ones(3)
+    opt.step()
+    pre.remove(), post.remove()
+    opt.step()
+    assert seen == ["pre", "post"] and float(opt.state[p]["step"]) == 2
+
+
 @pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
 def test_state_dict_interchange(backend, direction):
     """Train 20 steps with one class, move the state_dict (through torch.save) to the other,
