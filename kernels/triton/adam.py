@@ -38,9 +38,9 @@ import triton.language as tl
 from kernels._dispatch import triton_interpreting
 from kernels.triton.utils import TORCH_TO_TL, accumulator
 
-# Fields of a table row, in order; kernels/adam.py fills the first seven.
-PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, NUMEL, NUM_CHUNKS = range(8)
-ROW_FIELDS = 8
+# The fields of a table row that kernels/adam.py fills; AdamTable appends the number of
+# chunks (the kernel reads the eight by position).
+PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, NUMEL = range(7)
 
 # Elements per block. The interpreter runs each program in Python, so there small blocks and
 # two blocks per chunk keep test tensors spread over several chunks and a partial block.
@@ -92,7 +92,7 @@ def adam_kernel(tensors, chunks, tickets, lr_ptr, chunk_size,
     chunk = tl.program_id(0)
     row = tl.load(chunks + 2 * chunk)
     start = tl.multiple_of(tl.load(chunks + 2 * chunk + 1), BLOCK)
-    entry = tensors + row * 8
+    entry = tensors + row * 8  # PARAM, GRAD, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, NUMEL, chunks
     param = tl.load(entry + 0).to(tl.pointer_type(PARAM_DTYPE))
     grad = tl.load(entry + 1).to(tl.pointer_type(PARAM_DTYPE))
     exp_avg = tl.load(entry + 2).to(tl.pointer_type(COMPUTE))
@@ -184,8 +184,8 @@ class AdamTable:
 
     ``rows`` holds, per tensor, the addresses of param, grad, exp_avg, exp_avg_sq,
     max_exp_avg_sq (0 without amsgrad) and step, then numel. A table is never modified after
-    it is built, so a CUDA graph that captured a launch keeps reading valid rows; while a
-    capture is underway the host copy is kept as well, since the graph's copy node reads it
+    it is built, so a CUDA graph that captured a launch keeps reading valid rows. The host
+    copy is kept too: a table built during a capture is copied by a graph node that reads it
     at every replay."""
 
     def __init__(self, rows: list[tuple[int, ...]], param_dtype: torch.dtype, device: torch.device):
