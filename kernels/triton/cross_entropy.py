@@ -42,26 +42,27 @@ STATS_BLOCK = 1024
 
 @triton.jit
 def _target_stats_kernel(target_ptr, weight_ptr, stats_ptr, ok_ptr, N, C, ignore_index,
-                         HAS_WEIGHT: tl.constexpr, SUM_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_WEIGHT: tl.constexpr, SUM_WEIGHT: tl.constexpr, COMPUTE: tl.constexpr,
+                         BLOCK: tl.constexpr):
     """stats = [sum of w_t over counted rows, sum_c w_c (only with SUM_WEIGHT)]; ok = 1 if no
     target is out of range."""
     offs = tl.arange(0, BLOCK)
-    denominator = tl.zeros([BLOCK], tl.float32)
+    denominator = tl.zeros([BLOCK], COMPUTE)
     bad = tl.zeros([BLOCK], tl.int32)
     for start in range(0, N, BLOCK):
         t = tl.load(target_ptr + start + offs, mask=start + offs < N, other=ignore_index)
         counted = t != ignore_index
         in_range = (t >= 0) & (t < C)
         if HAS_WEIGHT:
-            denominator += tl.load(weight_ptr + t, mask=counted & in_range, other=0.0).to(tl.float32)
+            denominator += tl.load(weight_ptr + t, mask=counted & in_range, other=0.0).to(COMPUTE)
         else:
-            denominator += (counted & in_range).to(tl.float32)
+            denominator += (counted & in_range).to(COMPUTE)
         bad += (counted & ~in_range).to(tl.int32)
     tl.store(stats_ptr, tl.sum(denominator, 0))
     if SUM_WEIGHT:
-        weights = tl.zeros([BLOCK], tl.float32)
+        weights = tl.zeros([BLOCK], COMPUTE)
         for start in range(0, C, BLOCK):
-            weights += tl.load(weight_ptr + start + offs, mask=start + offs < C, other=0.0).to(tl.float32)
+            weights += tl.load(weight_ptr + start + offs, mask=start + offs < C, other=0.0).to(COMPUTE)
         tl.store(stats_ptr + 1, tl.sum(weights, 0))
     tl.store(ok_ptr, (tl.sum(bad, 0) == 0).to(tl.int32))
 
@@ -94,8 +95,8 @@ def _gradient_block(x, w, cols, t, lse, p_coef, w_coef, t_coef, row_fill, valid)
 @triton.jit
 def _cross_entropy_kernel(
     logits_ptr, target_ptr, weight_ptr, stats_ptr, loss_ptr, grad_ptr,
-    C, ignore_index, label_smoothing,
-    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, MEAN: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    C, ignore_index,
+    LABEL_SMOOTHING: tl.constexpr, HAS_WEIGHT: tl.constexpr, MEAN: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -110,9 +111,9 @@ def _cross_entropy_kernel(
     x_t = tl.load(logits_ptr + t).to(COMPUTE)
     w_t = tl.load(weight_ptr + t).to(COMPUTE) if HAS_WEIGHT else 1.0
     scale = 1.0 / tl.load(stats_ptr).to(COMPUTE) if MEAN else 1.0
-    eps = label_smoothing
-    eps_c = eps / C
-    weight_sum = tl.load(stats_ptr + 1).to(COMPUTE) if HAS_WEIGHT and SMOOTHING else C
+    eps = tl.full([], LABEL_SMOOTHING, COMPUTE)  # a bare Python float would be rounded to float32
+    eps_c = eps / (tl.zeros([], COMPUTE) + C)  # in COMPUTE precision (C may be a constexpr int)
+    weight_sum = tl.load(stats_ptr + 1).to(COMPUTE) if HAS_WEIGHT and LABEL_SMOOTHING != 0.0 else C
     p_coef = scale * ((1.0 - eps) * w_t + eps_c * weight_sum)
     w_coef = scale * eps_c
     t_coef = scale * (1.0 - eps) * w_t
@@ -124,7 +125,7 @@ def _cross_entropy_kernel(
         x = tl.load(logits_ptr + cols, mask=mask & valid, other=-float("inf")).to(COMPUTE)
         lse = _logsumexp(x, tl.where(x == -float("inf"), 0.0, 1.0).to(COMPUTE))
         w = 1.0
-        if SMOOTHING:
+        if LABEL_SMOOTHING != 0.0:
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(COMPUTE)
             smooth += tl.where(mask, w * (lse - x), 0.0)
@@ -139,7 +140,7 @@ def _cross_entropy_kernel(
             x = tl.load(logits_ptr + start + cols, mask=mask, other=-float("inf"), eviction_policy="evict_last")
             m, s = _online_update(m, s, x.to(COMPUTE))
         lse = _logsumexp(m, s)
-        if COMPUTE_GRAD or SMOOTHING:
+        if COMPUTE_GRAD or LABEL_SMOOTHING != 0.0:
             num_blocks = tl.cdiv(C, BLOCK)
             for back in range(0, num_blocks):
                 start = (num_blocks - 1 - back) * BLOCK
@@ -147,7 +148,7 @@ def _cross_entropy_kernel(
                 x = tl.load(logits_ptr + start + cols, mask=mask & valid, other=0.0,
                             eviction_policy="evict_first").to(COMPUTE)
                 w = 1.0
-                if SMOOTHING:
+                if LABEL_SMOOTHING != 0.0:
                     if HAS_WEIGHT:
                         w = tl.load(weight_ptr + start + cols, mask=mask, other=0.0).to(COMPUTE)
                     smooth += tl.where(mask, w * (lse - x), 0.0)
@@ -162,14 +163,15 @@ def _cross_entropy_kernel(
 
 
 @triton.jit
-def _scale_grad_kernel(grad_ptr, grad_output_ptr, grad_output_stride, C, BLOCK: tl.constexpr):
+def _scale_grad_kernel(grad_ptr, grad_output_ptr, grad_output_stride, C, COMPUTE: tl.constexpr,
+                       BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    g = tl.load(grad_output_ptr + row * grad_output_stride).to(tl.float32)
+    g = tl.load(grad_output_ptr + row * grad_output_stride).to(COMPUTE)
     if g != 1.0:
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < C
         ptrs = grad_ptr + row * C + cols
-        tl.store(ptrs, (tl.load(ptrs, mask=mask).to(tl.float32) * g).to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs, (tl.load(ptrs, mask=mask).to(COMPUTE) * g).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def _row_config(C: int) -> tuple[int, int, bool]:
@@ -191,20 +193,21 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
     N, C = logits.shape
     device = logits.device
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    stats = torch.empty(2, dtype=torch.float32, device=device)
+    stats = torch.empty(2, dtype=compute, device=device)
     ok = torch.empty(1, dtype=torch.int32, device=device)
     smoothing = label_smoothing != 0.0
     has_weight = weight is not None
     weight_arg = weight if has_weight else logits  # never read without HAS_WEIGHT
     _target_stats_kernel[(1,)](target, weight_arg, stats, ok, N, C, ignore_index,
-                               HAS_WEIGHT=has_weight, SUM_WEIGHT=has_weight and smoothing, BLOCK=STATS_BLOCK)
+                               HAS_WEIGHT=has_weight, SUM_WEIGHT=has_weight and smoothing,
+                               COMPUTE=TORCH_TO_TL[compute], BLOCK=STATS_BLOCK)
     loss = torch.empty(N, dtype=compute, device=device)
     if N:
         block, num_warps, single = _row_config(C)
         _cross_entropy_kernel[(N,)](
             logits, target, weight_arg, stats, loss, grad if grad is not None else logits,
-            C, ignore_index, label_smoothing,
-            HAS_WEIGHT=has_weight, SMOOTHING=smoothing, MEAN=reduction == 2, COMPUTE_GRAD=grad is not None,
+            C, ignore_index,
+            LABEL_SMOOTHING=label_smoothing, HAS_WEIGHT=has_weight, MEAN=reduction == 2, COMPUTE_GRAD=grad is not None,
             COMPUTE=TORCH_TO_TL[compute], BLOCK=block, SINGLE_BLOCK=single, num_warps=num_warps,
         )
     if reduction == 2 and not N:
@@ -220,5 +223,6 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     if not N:
         return
     stride = grad_output.stride(0) if grad_output.dim() else 0
-    _scale_grad_kernel[(N, triton.cdiv(C, SCALE_BLOCK))](grad, grad_output, stride, C, BLOCK=SCALE_BLOCK,
-                                                          num_warps=8)
+    compute = TORCH_TO_TL[torch.float64 if grad.dtype == torch.float64 else torch.float32]
+    _scale_grad_kernel[(N, triton.cdiv(C, SCALE_BLOCK))](grad, grad_output, stride, C, COMPUTE=compute,
+                                                          BLOCK=SCALE_BLOCK, num_warps=8)

@@ -1,0 +1,380 @@
+"""kernels.cross_entropy / FusedCrossEntropyLoss against PyTorch's F.cross_entropy / nn.CrossEntropyLoss:
+loss and gradient, on every backend (C++ and Triton, the latter interpreted on CPU in CI).
+
+The oracle is PyTorch's own function evaluated in float64 on the same values, so that a float32
+kernel is judged by its own error, not by PyTorch's float32 rounding.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from tests.conftest import HAS_CUDA
+
+# Triton's interpreter evaluates masked-off lanes too (e.g. exp(-inf - -inf)); their NaNs are discarded.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+REDUCTIONS = ("none", "sum", "mean")
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-6),
+       torch.bfloat16: dict(rtol=2e-2, atol=2e-3), torch.float16: dict(rtol=5e-3, atol=5e-4)}
+
+
+def _dtype(backend):
+    return torch.float64 if backend.device.type == "cpu" else torch.float32
+
+
+def _run(fn, logits, target, grad_out=None, **kw):
+    """(loss, dlogits) of fn(logits, target, **kw); grad_out weights the loss (ones by default)."""
+    x = logits.detach().clone().requires_grad_()
+    loss = fn(x, target, **kw)
+    g = torch.ones_like(loss) if grad_out is None else grad_out.to(loss.dtype)
+    loss.backward(g)
+    return loss.detach(), x.grad
+
+
+def _oracle(logits, target, grad_out=None, **kw):
+    """PyTorch's own F.cross_entropy, in float64."""
+    if kw.get("weight") is not None:
+        kw = dict(kw, weight=kw["weight"].double())
+    loss, grad = _run(F.cross_entropy, logits.double(), target, None if grad_out is None else grad_out.double(), **kw)
+    return loss, grad
+
+
+def _check(logits, target, grad_out=None, tol=None, **kw):
+    loss, grad = _run(kernels.cross_entropy, logits, target, grad_out, **kw)
+    want_loss, want_grad = _oracle(logits.cpu(), target.cpu(), None if grad_out is None else grad_out.cpu(),
+                                   **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    tol = tol or TOL[logits.dtype]
+    assert loss.dtype == logits.dtype and loss.shape == want_loss.shape
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    torch.testing.assert_close(loss.cpu().double(), want_loss, equal_nan=True, **tol)
+    torch.testing.assert_close(grad.cpu().double(), want_grad, equal_nan=True, **tol)
+
+
+def _inputs(N, C, device, dtype, scale=3.0, ignore=False):
+    logits = (torch.randn(N, C, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    target = torch.randint(0, C, (N,), device=device)
+    if ignore:
+        target[::3] = -100
+    return logits, target
+
+
+# --------------------------------------------------------------------------------------------
+# Semantics against PyTorch
+
+@pytest.mark.parametrize("C", [37, 9000], ids=["short-row", "streamed-row"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("ignore", [False, True], ids=["", "ignore"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "weight"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_matches_pytorch(backend, reduction, weighted, ignore, label_smoothing, C):
+    N = 12 if C < 1000 else 4
+    dtype = _dtype(backend)
+    logits, target = _inputs(N, C, backend.device, dtype, ignore=ignore)
+    weight = torch.rand(C, dtype=dtype, device=backend.device) + 0.1 if weighted else None
+    _check(logits, target, weight=weight, reduction=reduction, label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("N,C", [(64, 2), (64, 10), (16, 1000), (4, 32000), (2, 131072)])
+def test_class_counts(backend, N, C):
+    logits, target = _inputs(N, C, backend.device, torch.float32, ignore=True)
+    weight = torch.rand(C, device=backend.device) + 0.5
+    _check(logits, target, weight=weight, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("C", [50, 9000], ids=["short-row", "streamed-row"])
+def test_extreme_logits(backend, C, label_smoothing):
+    """+-1e4 logits, -inf entries, a row that is -inf everywhere but at its target, a row of equal
+    huge logits: the same losses (inf included) and gradients as PyTorch."""
+    dtype = _dtype(backend)
+    logits, target = _inputs(5, C, "cpu", dtype)
+    logits[0, ::7] = 1e4
+    logits[0, 3::11] = -1e4
+    logits[1, ::4] = float("-inf")
+    target[1] = 1
+    logits[2] = float("-inf")
+    logits[2, target[2]] = -5.0
+    logits[3] = 1e4
+    logits[4] = -1e4
+    logits[4, target[4]] = 1e4
+    _check(logits.to(backend.device), target.to(backend.device), reduction="none",
+           label_smoothing=label_smoothing)
+    _check(logits.to(backend.device), target.to(backend.device), label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_unbatched(backend, reduction):
+    dtype = _dtype(backend)
+    logits = torch.randn(11, dtype=dtype, device=backend.device)
+    target = torch.tensor(4, device=backend.device)
+    _check(logits, target, reduction=reduction, weight=torch.rand(11, dtype=dtype, device=backend.device),
+           label_smoothing=0.1)
+
+
+def test_upstream_gradient(backend):
+    """grad_output != 1: a scaled mean, a random per-row upstream gradient, and the expanded
+    (stride 0) ones that loss.sum() hands to a "none" reduction."""
+    dtype = _dtype(backend)
+    logits, target = _inputs(9, 300, backend.device, dtype, ignore=True)
+    _check(logits, target, grad_out=torch.tensor(3.0, dtype=dtype, device=backend.device))
+    _check(logits, target, grad_out=torch.randn(9, dtype=dtype, device=backend.device), reduction="none",
+           label_smoothing=0.1)
+    _check(logits, target, grad_out=torch.ones((), dtype=dtype, device=backend.device).expand(9),
+           reduction="none")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch(backend, reduction):
+    dtype = _dtype(backend)
+    logits = torch.empty(0, 7, dtype=dtype, device=backend.device)
+    _check(logits, torch.empty(0, dtype=torch.long, device=backend.device), reduction=reduction)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "weight"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_ignored(backend, reduction, weighted):
+    """Every target ignored: "mean" is NaN (0/0) and the gradient 0, as in PyTorch."""
+    dtype = _dtype(backend)
+    logits, _ = _inputs(6, 20, backend.device, dtype)
+    target = torch.full((6,), 5, device=backend.device)
+    weight = torch.rand(20, dtype=dtype, device=backend.device) if weighted else None
+    _check(logits, target, weight=weight, ignore_index=5, reduction=reduction, label_smoothing=0.1)
+
+
+def test_zero_total_weight(backend):
+    """Targets whose weights are all 0: PyTorch's weighted mean is 0/0 and so is ours."""
+    dtype = _dtype(backend)
+    logits, _ = _inputs(4, 6, backend.device, dtype)
+    weight = torch.tensor([0, 0, 1, 1, 1, 1], dtype=dtype, device=backend.device)
+    _check(logits, torch.tensor([0, 1, 1, 0], device=backend.device), weight=weight)
+
+
+def test_target_dtypes(backend):
+    dtype = _dtype(backend)
+    logits, target = _inputs(8, 13, backend.device, dtype)
+    want, _ = _run(kernels.cross_entropy, logits, target)
+    for t in (torch.int32, torch.uint8):
+        got, _ = _run(kernels.cross_entropy, logits, target.to(t))
+        torch.testing.assert_close(got, want)
+
+
+def test_no_grad_forward(backend):
+    """Without autograd no gradient is written; the loss is the same."""
+    dtype = _dtype(backend)
+    logits, target = _inputs(5, 9000, backend.device, dtype)
+    want, _ = _oracle(logits.cpu(), target.cpu(), label_smoothing=0.1)
+    with torch.no_grad():
+        got = kernels.cross_entropy(logits.clone().requires_grad_(), target, label_smoothing=0.1)
+    torch.testing.assert_close(got.cpu().double(), want, **TOL[dtype])
+    assert got.grad_fn is None
+    torch.testing.assert_close(kernels.cross_entropy(logits, target, label_smoothing=0.1).cpu().double(), want,
+                               **TOL[dtype])
+
+
+@pytest.mark.parametrize("C", [37, 9000], ids=["short-row", "streamed-row"])
+def test_inplace_backward(backend, C):
+    """inplace_backward writes the gradient over the logits: the upstream gradient is still right
+    and the logits buffer now holds dlogits."""
+    dtype = _dtype(backend)
+    a = torch.randn(6, 16, dtype=dtype, device=backend.device, requires_grad=True)
+    b = torch.randn(16, C, dtype=dtype, device=backend.device)
+    target = torch.randint(0, C, (6,), device=backend.device)
+    a_ref = a.detach().double().requires_grad_()
+    F.cross_entropy(a_ref @ b.double(), target, label_smoothing=0.1).backward()
+
+    logits = a @ b
+    loss = kernels.FusedCrossEntropyLoss(label_smoothing=0.1, inplace_backward=True)(logits, target)
+    loss.backward()
+    torch.testing.assert_close(a.grad.double(), a_ref.grad, **TOL[dtype])
+    x = (a_ref.detach() @ b.double()).requires_grad_()
+    F.cross_entropy(x, target, label_smoothing=0.1).backward()
+    torch.testing.assert_close(logits.detach().double(), x.grad, **TOL[dtype])
+
+
+def test_retain_graph(backend):
+    """A second backward through the same graph recomputes the gradient from the logits; it
+    raises once they are gone or were overwritten by inplace_backward."""
+    dtype = _dtype(backend)
+    logits, target = _inputs(4, 30, backend.device, dtype)
+    x = logits.clone().requires_grad_()
+    loss = kernels.cross_entropy(x, target, reduction="sum")
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x, torch.tensor(2.0, dtype=dtype, device=backend.device))
+    torch.testing.assert_close(g2, 2 * g1)
+
+    x = logits.clone().requires_grad_()
+    loss = kernels.cross_entropy(x * 1, target, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+def test_create_graph(backend):
+    """backward(create_graph=True) works; the gradient is not differentiable again (once_differentiable)."""
+    logits, target = _inputs(4, 30, backend.device, _dtype(backend))
+    x = logits.clone().requires_grad_()
+    (g,) = torch.autograd.grad(kernels.cross_entropy(x, target), x, create_graph=True)
+    torch.testing.assert_close(g.double(), _oracle(logits, target)[1], **TOL[g.dtype])
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+def test_module(backend):
+    """FusedCrossEntropyLoss takes nn.CrossEntropyLoss's arguments, keeps weight as a buffer and has
+    its state_dict."""
+    dtype = _dtype(backend)
+    weight = torch.rand(10, dtype=dtype, device=backend.device)
+    ours = kernels.FusedCrossEntropyLoss(weight=weight, ignore_index=3, reduction="sum", label_smoothing=0.05)
+    theirs = nn.CrossEntropyLoss(weight=weight.double(), ignore_index=3, reduction="sum", label_smoothing=0.05)
+    assert isinstance(ours, nn.CrossEntropyLoss)
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == ["weight"]
+    assert "weight" in dict(ours.named_buffers())
+    logits, target = _inputs(7, 10, backend.device, dtype)
+    target[0] = 3
+    torch.testing.assert_close(ours(logits, target).cpu().double(), theirs(logits.double(), target).cpu(),
+                               **TOL[dtype])
+    with pytest.warns(UserWarning, match="size_average"):
+        legacy = kernels.FusedCrossEntropyLoss(size_average=False)
+    assert legacy.reduction == "sum"
+    assert "inplace_backward=True" in repr(kernels.FusedCrossEntropyLoss(inplace_backward=True))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_cpp(reduction, monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "cpu")
+    target = torch.tensor([0, 6, -100, 3, 3])
+    for n_cls in (7, 300):  # a short row and a streamed one
+        logits = torch.randn(5, n_cls, dtype=torch.float64, requires_grad=True)
+        weight = torch.rand(n_cls, dtype=torch.float64) + 0.2
+        assert torch.autograd.gradcheck(
+            lambda x: kernels.cross_entropy(x, target, weight, reduction=reduction, label_smoothing=0.1), (logits,))
+
+
+def test_torch_reference_backend(monkeypatch):
+    """KERNELS_BACKEND=torch (the plain-PyTorch reference of the kernels) also matches F.cross_entropy."""
+    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    for reduction in REDUCTIONS:
+        logits, target = _inputs(6, 40, "cpu", torch.float64, ignore=True)
+        _check(logits, target, weight=torch.rand(40, dtype=torch.float64), reduction=reduction,
+               label_smoothing=0.1)
+    with pytest.raises(ValueError, match="out of range"):
+        kernels.cross_entropy(torch.randn(2, 3), torch.tensor([0, 3]))
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+@pytest.mark.parametrize("bad", [10, -1, -101], ids=["C", "negative", "below-ignore"])
+def test_target_out_of_range(backend, bad):
+    logits = torch.randn(4, 10, dtype=_dtype(backend), device=backend.device, requires_grad=True)
+    target = torch.tensor([1, bad, 2, -100], device=backend.device)
+    with pytest.raises(ValueError, match=rf"target\[1\] = {bad} is out of range for 10 classes"):
+        kernels.cross_entropy(logits, target)
+    with pytest.raises(ValueError, match="out of range"):
+        kernels.cross_entropy(logits.detach(), target, reduction="none")
+
+
+def test_bad_arguments(backend):
+    dtype = _dtype(backend)
+    dev = backend.device
+    logits = torch.randn(4, 10, dtype=dtype, device=dev)
+    target = torch.randint(0, 10, (4,), device=dev)
+    ce = kernels.cross_entropy
+    with pytest.raises(TypeError, match="class indices"):
+        ce(logits, target.to(dtype))
+    with pytest.raises(TypeError, match="class indices"):
+        ce(logits, target > 4)
+    with pytest.raises(TypeError, match="target must be a torch.Tensor"):
+        ce(logits, [1, 2, 3, 4])
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        ce(logits.tolist(), target)
+    with pytest.raises(TypeError, match="dtype"):
+        ce(logits.to(torch.int32), target)
+    with pytest.raises(ValueError, match=r"target of shape \(3,\) does not match logits of shape \(4, 10\)"):
+        ce(logits, target[:3])
+    with pytest.raises(ValueError, match="does not match"):
+        ce(logits, target[:, None])
+    with pytest.raises(ValueError, match="does not match"):
+        ce(logits[0], target[:1])
+    with pytest.raises(ValueError, match="dimension"):
+        ce(logits[None], target)
+    with pytest.raises(ValueError, match=r"weight must have one entry per class, shape \(10,\), got \(9,\)"):
+        ce(logits, target, weight=torch.ones(9, dtype=dtype, device=dev))
+    with pytest.raises(TypeError, match="weight has dtype"):
+        ce(logits, target, weight=torch.ones(10, dtype=torch.float16, device=dev))
+    with pytest.raises(ValueError, match="weight is on meta"):
+        ce(logits, target, weight=torch.ones(10, dtype=dtype, device="meta"))
+    with pytest.raises(ValueError, match="target is on meta"):
+        ce(logits, target.to("meta"))
+    with pytest.raises(ValueError, match="reduction must be one of none, sum, mean, got 'avg'"):
+        ce(logits, target, reduction="avg")
+    for eps in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="label_smoothing must be in"):
+            ce(logits, target, label_smoothing=eps)
+    with pytest.raises(ValueError, match="no classes"):
+        ce(logits[:, :0], target)
+
+
+def test_cpu_backend_dtypes(monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "cpu")
+    with pytest.raises(TypeError, match="float32, float64"):
+        kernels.cross_entropy(torch.randn(2, 3, dtype=torch.bfloat16), torch.tensor([0, 1]))
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: half precision, no host synchronisation, the device-side assert
+
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C", [1000, 50257])
+def test_half_precision_cuda(dtype, C, monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    logits, target = _inputs(64, C, "cuda", dtype, ignore=True)
+    weight = torch.rand(C, device="cuda").to(dtype) + 0.5
+    _check(logits, target, weight=weight, label_smoothing=0.1)
+    _check(logits, target, reduction="none", grad_out=torch.randn(64, device="cuda"))
+
+
+@cuda_only
+def test_no_host_sync_cuda(monkeypatch):
+    """Forward and backward with every option never synchronise with the host."""
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    logits, target = _inputs(32, 40000, "cuda", torch.bfloat16, ignore=True)
+    weight = torch.rand(40000, device="cuda", dtype=torch.bfloat16)
+    x = logits.requires_grad_()
+    kernels.cross_entropy(x, target, weight, label_smoothing=0.1).backward()  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for reduction in REDUCTIONS:
+            loss = kernels.cross_entropy(x, target, weight, reduction=reduction, label_smoothing=0.1)
+            loss.backward(torch.ones_like(loss))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda_only
+def test_bad_target_device_assert_cuda():
+    """On CUDA an out-of-range target fails the stream (device-side assert) at the next sync; it
+    runs in a child process because that leaves the CUDA context unusable."""
+    script = textwrap.dedent("""
+        import torch, kernels
+        logits = torch.randn(4, 1000, device="cuda", requires_grad=True)
+        loss = kernels.cross_entropy(logits, torch.tensor([1, 5000, 2, 3], device="cuda"), reduction="none")
+        torch.cuda.synchronize()
+    """)
+    env = dict(os.environ, KERNELS_BACKEND="triton")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0
+    assert "device-side assert" in out.stderr or "out of range" in out.stderr
