@@ -32,7 +32,7 @@ from ffnn import checkpoint, data as datasets, plots
 from ffnn.cli import add_data_options, add_device_options, resolve_device, run_command
 from ffnn.errors import FFNNError
 from ffnn.evaluate import evaluate_model
-from ffnn.model import build, count_parameters, loss_function
+from ffnn.model import TORCH_ACTIVATIONS, build, count_parameters, loss_function
 
 PROG = "ffnn-train"
 # Options that define a run. Unset, they take these defaults, or on --resume the checkpoint's
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="global batch size (default 64)")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     p.add_argument("--hidden", type=_hidden, help="hidden layer widths (default 128,64)")
-    p.add_argument("--activation", help="hidden-layer activation (default relu)")
+    p.add_argument("--activation", choices=tuple(TORCH_ACTIVATIONS), help="hidden-layer activation (default relu)")
     p.add_argument("--optimizer", choices=("adam", "adamw"), help="default adam")
     p.add_argument("--weight-decay", type=float, help="default: the optimizer's (0 for adam, 1e-2 for adamw)")
     p.add_argument("--seed", type=int, help="seed of the initial weights and of the shuffling (default 0)")
