@@ -116,6 +116,28 @@ def test_both_impls_start_from_the_same_weights():
     assert not torch.equal(a["fc1.weight"], c["fc1.weight"])
 
 
+def test_training_steps_on_the_triton_kernels_match_pytorch(monkeypatch):
+    """ffnn's step on the GPU's kernels (Triton, interpreted when there is no GPU) against torch."""
+    from types import SimpleNamespace
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x, y = torch.randn(24, 784, device=device), torch.randint(0, 10, (24,), device=device)
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")  # what the fused impl runs on; torch's ignores it
+    weights = {}
+    for impl in ("fused", "torch"):
+        model = ffnn.build_model(impl, (784, 16, 10), seed=0, device=device)
+        args = SimpleNamespace(lr=1e-2, weight_decay=None, impl=impl, optimizer="adam")
+        optimizer = train.make_optimizer(args, model.parameters(), capturable=False)
+        loss_sum = torch.zeros((), device=device)
+        step = train.make_step(model, optimizer, ffnn.model.loss_function(impl), x, y, loss_sum, train.World(), 1.0)
+        for i in range(3):
+            step(torch.arange(8 * i, 8 * i + 8, device=device))
+        weights[impl] = (model.state_dict(), loss_sum.item())
+    assert weights["fused"][1] == pytest.approx(weights["torch"][1], rel=1e-5)
+    for k, v in weights["torch"][0].items():
+        torch.testing.assert_close(weights["fused"][0][k], v, rtol=1e-4, atol=1e-4)
+
+
 def test_sizes_from_state_dict_rejects_other_models():
     assert sizes_from_state_dict(TorchMLP((784, 128, 64, 10)).state_dict()) == (784, 128, 64, 10)
     with pytest.raises(FFNNError, match="unexpected key 'conv1.weight'"):
