@@ -1,0 +1,207 @@
+"""Fused Linear + bias + activation on the GPU: y = act(x W^T + b) and its backward.
+
+With x (M, K), W (N, K), b (N), z = x W^T + b and y = act(z)::
+
+    forward    y  = act(x W^T + b)            one GEMM; bias and activation in its epilogue
+    backward   dz = dy * act'(y)              relu: y > 0, sigmoid: y (1 - y), tanh: 1 - y^2, none: 1
+               dx = dz W                      one GEMM, dz formed as its A operand is loaded
+               dW = dz^T x,  db = sum_m dz    one GEMM, dz formed the same way; the programs of
+                                              the first column block also sum db from the loaded dz
+
+so the backward never materialises dz, and the forward saves only y (activation "none" saves
+nothing). All three GEMMs are one kernel, C = epilogue(prologue(A) @ B), with the operands
+given by strides: the transposes (W^T, dz^T) and non-contiguous inputs cost no copies.
+
+Matmul precision follows PyTorch: fp32 inputs use full-precision ``ieee`` dots unless the user
+allowed TF32 (``kernels.triton.utils.dot_precision``); bf16/fp16 use the tensor cores and
+accumulate in fp32 (fp64, for the interpreter's tests, accumulates in fp64).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton.utils import accumulator, autotune, dot_precision
+
+
+def _config(bm, bn, bk, stages, warps, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_stages=stages, num_warps=warps)
+
+
+# H100 tiles: large bf16/fp16 tiles for big GEMMs, mid tiles for fp32 and mid shapes, small-M
+# tiles for batch-64 layers. The interpreter runs the first config only.
+_CONFIGS = [
+    _config(128, 128, 64, 4, 4),
+    _config(128, 256, 64, 3, 8),
+    _config(128, 256, 64, 4, 8),
+    _config(256, 128, 64, 3, 8),
+    _config(256, 128, 64, 4, 8),
+    _config(128, 128, 64, 3, 8),
+    _config(128, 128, 32, 4, 4),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(64, 64, 64, 4, 4),
+    _config(64, 64, 32, 5, 2),
+    _config(32, 64, 64, 4, 4),
+    _config(32, 128, 64, 4, 4),
+    _config(16, 64, 128, 3, 4),
+    _config(16, 128, 64, 4, 4),
+]
+
+# Problems up to this many multiply-adds skip the autotuner: at MNIST sizes its dispatch costs
+# more than the GEMM, and one small tile fits them all.
+_SMALL_PROBLEM = 1 << 23
+_SMALL_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+@triton.jit
+def _activate(z, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "relu":
+        z = tl.maximum(z, 0.0)
+    elif ACTIVATION == "sigmoid":
+        z = tl.sigmoid(z)
+    elif ACTIVATION == "tanh":
+        z = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+    return z
+
+
+@triton.jit
+def _activation_grad(dy, y, ACTIVATION: tl.constexpr):
+    """dz = dy * act'(z), written with the activation's output y."""
+    if ACTIVATION == "relu":
+        dy = tl.where(y > 0.0, dy, 0.0)
+    elif ACTIVATION == "sigmoid":
+        dy = dy * y * (1.0 - y)
+    elif ACTIVATION == "tanh":
+        dy = dy * (1.0 - y * y)
+    return dy
+
+
+@triton.jit
+def _fused_matmul_kernel(
+    a_ptr, y_ptr, b_ptr, c_ptr, bias_ptr, row_sum_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_ym, stride_yk, stride_bk, stride_bn, stride_cm, stride_cn,
+    ACTIVATION: tl.constexpr,  # epilogue: C = act(A' B + bias)
+    GRAD_OF: tl.constexpr,  # prologue: A' = A * act'(Y) for this activation, Y laid out like A ("none": A' = A)
+    HAS_BIAS: tl.constexpr,
+    ROW_SUM: tl.constexpr,  # also row_sum[m] = sum_k A'[m, k], by the programs of column block 0
+    STORE_C: tl.constexpr,  # False: only the row sums (a grid of one column block)
+    DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C (M, N) = act(A' @ B + bias) with A' = prologue(A) (M, K), B (K, N), fp32/fp64 accumulation."""
+    pid = tl.program_id(0)
+    if STORE_C:
+        # Grouped ordering: GROUP_M row blocks share each column block of B while it is in L2.
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        first_pid_m = pid // num_pid_in_group * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+        pid_n = (pid % num_pid_in_group) // group_size_m
+    else:
+        pid_m = pid
+        pid_n = 0
+
+    # Rows and columns wrap around (modulo) instead of being masked: loads stay in bounds and
+    # unmasked along M and N; the wrapped duplicates are never stored.
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :] * stride_yk
+    if STORE_C:
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    row_sum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_in = offs_k < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
+        if GRAD_OF != "none":
+            y = tl.load(y_ptrs, mask=k_in[None, :], other=0.0)
+            a = _activation_grad(a.to(ACC_DTYPE), y.to(ACC_DTYPE), GRAD_OF)
+        if ROW_SUM:
+            if pid_n == 0:
+                row_sum += tl.sum(a.to(ACC_DTYPE), axis=1)
+        if STORE_C:
+            b = tl.load(b_ptrs, mask=k_in[:, None], other=0.0)
+            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += BLOCK_K * stride_ak
+        y_ptrs += BLOCK_K * stride_yk
+
+    offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if ROW_SUM:
+        if pid_n == 0:
+            tl.store(row_sum_ptr + offs_cm, row_sum.to(row_sum_ptr.dtype.element_ty), mask=offs_cm < M)
+    if STORE_C:
+        offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_cn, mask=offs_cn < N, other=0.0)
+            acc += bias.to(ACC_DTYPE)[None, :]
+        acc = _activate(acc, ACTIVATION)
+        c_ptrs = c_ptr + offs_cm[:, None] * stride_cm + offs_cn[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_cm[:, None] < M) & (offs_cn[None, :] < N))
+
+
+_fused_matmul_tuned = autotune(_CONFIGS, key=["M", "N", "K", "GRAD_OF", "ROW_SUM", "STORE_C"])(_fused_matmul_kernel)
+
+
+def _matmul(a, a_strides, b, b_strides, c, M, N, K, *, y=None, y_strides=(0, 0), bias=None, row_sum=None,
+            activation="none", grad_of="none", store_c=True):
+    """Launches C = act(prologue(A) @ B + bias) (and/or the row sums of prologue(A)); c is
+    (M, N) contiguous, a and y are (M, K) and b is (K, N) through the given strides."""
+    dummy = c if store_c else row_sum  # any tensor for the pointers a variant never reads
+    args = (a, y if y is not None else dummy, b, c if store_c else dummy,
+            bias if bias is not None else dummy, row_sum if row_sum is not None else dummy,
+            M, N, K, *a_strides, *y_strides, *b_strides, N if store_c else 0, 1)
+    meta = dict(ACTIVATION=activation, GRAD_OF=grad_of, HAS_BIAS=bias is not None, ROW_SUM=row_sum is not None,
+                STORE_C=store_c, DOT_PRECISION=dot_precision(a.dtype), ACC_DTYPE=accumulator(a.dtype))
+    n_blocks = (lambda bn: triton.cdiv(N, bn)) if store_c else (lambda bn: 1)
+    if M * N * K <= _SMALL_PROBLEM:
+        grid = (triton.cdiv(M, _SMALL_CONFIG["BLOCK_M"]) * n_blocks(_SMALL_CONFIG["BLOCK_N"]),)
+        _fused_matmul_kernel[grid](*args, **meta, **_SMALL_CONFIG)
+    else:
+        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * n_blocks(META["BLOCK_N"]),)  # noqa: E731
+        _fused_matmul_tuned[grid](*args, **meta)
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """y = act(x W^T + b) for x (M, K) with any strides, weight (N, K), bias (N,) or None."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M and N:
+        # B = W^T: element (k, n) is W[n, k].
+        _matmul(x, x.stride(), weight, (weight.stride(1), weight.stride(0)), y, M, N, K,
+                bias=None if bias is None else bias.contiguous(), activation=activation)
+    return y
+
+
+def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor | None, activation: str,
+             need_x: bool, need_weight: bool, need_bias: bool):
+    """(dx, dW, db) of y = act(x W^T + b), each None unless needed; y may be None for "none"."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y_strides = (0, 0) if y is None else y.stride()
+    dx = dw = db = None
+    if need_x:
+        dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
+        if M and K:
+            _matmul(dy, dy.stride(), weight, weight.stride(), dx, M, K, N, y=y, y_strides=y_strides,
+                    grad_of=activation)
+    if need_weight or need_bias:
+        dw = torch.empty((N, K), device=x.device, dtype=x.dtype) if need_weight else None
+        db = torch.empty((N,), device=x.device, dtype=x.dtype) if need_bias else None
+        store_c = need_weight and K > 0
+        if N and (store_c or need_bias):
+            # A = dz^T (N, M): element (n, m) is dz[m, n]; B = x (M, K).
+            _matmul(dy, dy.stride()[::-1], x, x.stride(), dw if store_c else None, N, K, M,
+                    y=y, y_strides=y_strides[::-1], row_sum=db, grad_of=activation, store_c=store_c)
+    return dx, dw, db

@@ -1,0 +1,319 @@
+"""kernels.linear / kernels.FusedLinear against nn.Linear followed by the activation, on every
+backend: the C++ kernels, and Triton (interpreted on CPU tensors, compiled on a GPU)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from kernels.linear import FusedLinear, linear_reference
+
+HAS_CUDA = torch.cuda.is_available()
+ACTIVATIONS = {"relu": nn.ReLU, "none": nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+
+
+def reference_layer(weight, bias, activation, dtype=torch.float64):
+    """nn.Linear + the activation module, holding copies of weight/bias in `dtype`."""
+    out_features, in_features = weight.shape
+    layer = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return nn.Sequential(layer, ACTIVATIONS[activation]())
+
+
+def tolerance(dtype, reduction):
+    """(rtol, atol) for a result summed over `reduction` terms of O(1) products, compared with
+    a float64 oracle: rounding error grows about like sqrt(reduction) unit roundoffs."""
+    eps = {torch.float64: 1e-15, torch.float32: 2e-7, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    scale = 8 * eps * math.sqrt(max(reduction, 1))
+    return scale, scale
+
+
+def check_against_nn(x, weight, bias, activation, *, dy=None, grads=("x", "weight", "bias")):
+    """Forward and the requested gradients of kernels.linear vs nn.Linear + activation in float64."""
+    dtype = x.dtype
+    x = x.detach().requires_grad_("x" in grads)
+    weight = weight.detach().requires_grad_("weight" in grads)
+    if bias is not None:
+        bias = bias.detach().requires_grad_("bias" in grads)
+    y = kernels.linear(x, weight, bias, activation)
+
+    ref = reference_layer(weight.detach(), None if bias is None else bias.detach(), activation)
+    ref[0].weight.requires_grad_("weight" in grads)
+    if bias is not None:
+        ref[0].bias.requires_grad_("bias" in grads)
+    x64 = x.detach().double().requires_grad_("x" in grads)
+    y_ref = ref(x64)
+
+    K, N = weight.shape[1], weight.shape[0]
+    M = x.numel() // max(K, 1)
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    torch.testing.assert_close(y.double(), y_ref, **dict(zip(("rtol", "atol"), tolerance(dtype, K))))
+
+    dy = torch.randn_like(y) if dy is None else dy
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    expected = {"x": (x, x64, N), "weight": (weight, ref[0].weight, M), "bias": (bias, ref[0].bias, M)}
+    for name in ("x", "weight", "bias"):
+        ours, theirs, reduction = expected[name]
+        if ours is None:
+            continue
+        if name not in grads:
+            assert ours.grad is None, f"{name} needs no grad but got one"
+            continue
+        assert ours.grad.shape == ours.shape and ours.grad.dtype == dtype
+        rtol, atol = tolerance(dtype, reduction)
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=rtol, atol=atol, msg=lambda m: f"d{name}: {m}")
+
+
+def make(M, K, N, *, device, dtype=torch.float32, bias=True):
+    """Inputs like a real layer's: x ~ N(0, 1) and nn.Linear's init, so outputs are O(1)."""
+    layer = nn.Linear(K, N, bias=bias, device=device, dtype=dtype)
+    return torch.randn(M, K, device=device, dtype=dtype), layer.weight.detach(), (layer.bias.detach() if bias else None)
+
+
+SMALL_SHAPES = [(1, 1, 1), (33, 70, 17), (5, 3, 9)]
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_nn_linear(backend, shape, activation):
+    x, w, b = make(*shape, device=backend.device)
+    check_against_nn(x, w, b, activation)
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
+def test_no_bias(backend, activation):
+    x, w, _ = make(33, 70, 17, device=backend.device, bias=False)
+    check_against_nn(x, w, None, activation)
+
+
+# The MLP's three layers at batch 64: 784 -> 128 -> 64 -> 10, the last without activation.
+@pytest.mark.parametrize("shape,activation", [((64, 784, 128), "relu"), ((64, 128, 64), "relu"), ((64, 64, 10), "none")],
+                         ids=["784-128", "128-64", "64-10"])
+def test_mnist_layers(backend, shape, activation):
+    x, w, b = make(*shape, device=backend.device)
+    check_against_nn(x, w, b, activation)
+
+
+def test_float64(backend):
+    x, w, b = make(9, 20, 7, device=backend.device, dtype=torch.float64)
+    check_against_nn(x, w, b, "tanh")
+
+
+def test_batched_and_unbatched_input(backend):
+    w, b = make(1, 6, 4, device=backend.device)[1:]
+    x3 = torch.randn(2, 5, 6, device=backend.device)
+    check_against_nn(x3, w, b, "relu")
+    x1 = torch.randn(6, device=backend.device)
+    check_against_nn(x1, w, b, "sigmoid")
+
+
+def test_non_contiguous_operands(backend):
+    dev = backend.device
+    x = torch.randn(20, 33, device=dev).t()  # (33, 20), column-major
+    w = torch.randn(20, 17, device=dev).t()  # (17, 20) = W with in-features along dim 0
+    b = torch.randn(34, device=dev)[::2]  # stride 2
+    assert not (x.is_contiguous() or w.is_contiguous() or b.is_contiguous())
+    check_against_nn(x, w, b, "relu")
+    xs = torch.randn(7, 40, device=dev)[:, ::2]  # a strided slice of the features
+    check_against_nn(xs, w, b, "tanh")
+
+
+def test_expanded_output_gradient(backend):
+    """y.sum().backward() hands the backward an expanded (stride 0) gradient."""
+    x, w, b = make(6, 10, 5, device=backend.device)
+    check_against_nn(x, w, b, "relu", dy=torch.ones(1, 1, device=backend.device).expand(6, 5))
+
+
+@pytest.mark.parametrize("grads", [("weight", "bias"), ("x",), ("bias",), ("weight",)], ids="+".join)
+def test_only_needed_gradients(backend, grads):
+    x, w, b = make(12, 9, 7, device=backend.device)
+    check_against_nn(x, w, b, "relu", grads=grads)
+
+
+def test_empty_batch(backend):
+    x, w, b = make(0, 5, 3, device=backend.device)
+    y = kernels.linear(x, w, b)
+    assert y.shape == F.linear(x, w, b).shape == (0, 3)
+    check_against_nn(x, w, b, "relu")  # dW and db are zeros, as PyTorch's
+    assert kernels.linear(torch.randn(2, 0, 5, device=backend.device), w, b).shape == (2, 0, 3)
+
+
+def test_saves_only_the_output(backend):
+    """The forward saves y for relu/sigmoid/tanh and no (M, N) tensor for "none"."""
+    x, w, b = make(8, 6, 5, device=backend.device)
+    x.requires_grad_()
+    y = kernels.linear(x, w, b, "relu")
+    saved = y.grad_fn.saved_tensors
+    assert [t.shape for t in saved if t is not None].count(y.shape) == 1
+    assert any(t is not None and t.data_ptr() == y.data_ptr() for t in saved)
+    y_none = kernels.linear(x, w, b, "none")
+    assert all(t is None or t.data_ptr() != y_none.data_ptr() for t in y_none.grad_fn.saved_tensors)
+
+
+def test_no_grad_forward(backend):
+    x, w, b = make(4, 6, 3, device=backend.device)
+    with torch.no_grad():
+        y = kernels.linear(x, w.requires_grad_(), b, "sigmoid")
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, torch.sigmoid(F.linear(x, w, b)))
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_gradcheck_cpp(activation, monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "cpu")
+    x = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: kernels.linear(*t, activation=activation), (x, w, b))
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_gradcheck_triton(activation, monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    device = "cuda" if HAS_CUDA else "cpu"
+    x = torch.randn(3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(2, 4, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: kernels.linear(*t, activation=activation), (x, w, b))
+
+
+def test_torch_backend_is_the_reference(monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    x, w, b = make(5, 4, 3, device="cpu")
+    torch.testing.assert_close(kernels.linear(x, w, b, "tanh"), torch.tanh(F.linear(x, w, b)), rtol=0, atol=0)
+    torch.testing.assert_close(linear_reference(x, w, None, "none"), F.linear(x, w), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# FusedLinear: an nn.Linear + activation drop-in.
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_module_matches_nn_linear(backend, bias):
+    torch.manual_seed(1)
+    ours = FusedLinear(20, 7, bias=bias, activation="tanh", device=backend.device)
+    torch.manual_seed(1)
+    theirs = nn.Linear(20, 7, bias=bias, device=backend.device)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    for p, q in zip(ours.parameters(), theirs.parameters()):  # same init, same random draws
+        assert p.shape == q.shape and torch.equal(p, q)
+    x = torch.randn(3, 20, device=backend.device)
+    torch.testing.assert_close(ours(x), torch.tanh(theirs(x)))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_state_dict_round_trip(bias):
+    ours = FusedLinear(6, 4, bias=bias, activation="sigmoid")
+    theirs = nn.Linear(6, 4, bias=bias)
+    theirs.load_state_dict(ours.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for k, v in ours.state_dict().items():
+        assert torch.equal(theirs.state_dict()[k], v)
+    other = nn.Linear(6, 4, bias=bias)
+    ours.load_state_dict(other.state_dict())
+    for k, v in other.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v)
+    x = torch.randn(2, 6)
+    torch.testing.assert_close(ours(x), torch.sigmoid(other(x)))
+
+
+def test_module_repr_and_dtype():
+    layer = FusedLinear(784, 128, dtype=torch.float64)
+    assert repr(layer) == "FusedLinear(in_features=784, out_features=128, bias=True, activation='relu')"
+    assert layer.weight.dtype == layer.bias.dtype == torch.float64
+    assert repr(FusedLinear(3, 2, bias=False, activation="none")).endswith("bias=False, activation='none')")
+    with pytest.raises(ValueError, match="activation must be one of.*'gelu'"):
+        FusedLinear(3, 2, activation="gelu")
+
+
+def test_torch_compile(backend):
+    """A model built from FusedLinear compiles in one graph (the custom ops) and trains."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    dev = backend.device
+    model = nn.Sequential(FusedLinear(12, 8, device=dev), FusedLinear(8, 4, activation="none", device=dev))
+    ref = nn.Sequential(nn.Linear(12, 8, device=dev), nn.ReLU(), nn.Linear(8, 4, device=dev))
+    ref[0].load_state_dict(model[0].state_dict())
+    ref[2].load_state_dict(model[1].state_dict())
+    compiled = torch.compile(model, backend="aot_eager" if dev.type == "cpu" else "inductor", fullgraph=True)
+    x = torch.randn(5, 12, device=dev)
+    target = torch.randint(0, 4, (5,), device=dev)
+    F.cross_entropy(compiled(x), target).backward()
+    F.cross_entropy(ref(x), target).backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear errors that name the problem.
+
+def test_errors(backend):
+    dev = backend.device
+    x, w, b = make(4, 6, 3, device=dev)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        kernels.linear([[1.0] * 6], w, b)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        kernels.linear(x, w.tolist(), b)
+    with pytest.raises(ValueError, match=r"input must have at least 1 dimension"):
+        kernels.linear(torch.tensor(1.0, device=dev), w, b)
+    with pytest.raises(ValueError, match=r"weight must have 2 dimension.*\(3, 6, 1\)"):
+        kernels.linear(x, w.unsqueeze(-1), b)
+    with pytest.raises(ValueError, match=r"input of shape \(4, 5\) has 5 features.*\(3, 6\).*in_features=6"):
+        kernels.linear(x[:, :5], w, b)
+    with pytest.raises(ValueError, match=r"bias must have 1 dimension.*\(1, 3\)"):
+        kernels.linear(x, w, b.unsqueeze(0))
+    with pytest.raises(ValueError, match=r"bias of shape \(4,\) does not match weight of shape \(3, 6\)"):
+        kernels.linear(x, w, torch.zeros(4, device=dev))
+    with pytest.raises(TypeError, match="weight has dtype torch.float64 but input has dtype torch.float32"):
+        kernels.linear(x, w.double(), b)
+    with pytest.raises(TypeError, match="bias has dtype torch.float64 but input"):
+        kernels.linear(x, w, b.double())
+    with pytest.raises(ValueError, match=r"activation must be one of 'relu', 'none', 'sigmoid', 'tanh', got 'gelu'"):
+        kernels.linear(x, w, b, "gelu")
+    with pytest.raises(TypeError, match="input has dtype torch.int64"):
+        kernels.linear(x.long(), w.long(), b.long())
+
+
+def test_unsupported_dtype_names_the_backend(monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "cpu")
+    x, w, b = (t.half() for t in make(2, 3, 4, device="cpu"))
+    with pytest.raises(TypeError, match="input has dtype torch.float16, the cpu backend supports float32, float64"):
+        kernels.linear(x, w, b)
+
+
+def test_device_mismatch():
+    x, w, b = make(2, 3, 4, device="cpu")
+    with pytest.raises(ValueError, match="weight is on meta but input is on cpu"):
+        kernels.linear(x, w.to("meta"), b)
+    if HAS_CUDA:
+        with pytest.raises(ValueError, match="bias is on cuda:0 but input is on cpu"):
+            kernels.linear(x, w, b.cuda())
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: compiled Triton in every dtype, the autotuned path, and PyTorch's fp32 precision.
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(33, 70, 17), (64, 784, 128), (512, 1000, 384)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_dtypes(shape, dtype, monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    x, w, b = make(*shape, device="cuda", dtype=dtype)
+    check_against_nn(x, w, b, "relu")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_fp32_follows_matmul_precision(monkeypatch):
+    """Full fp32 by default (TF32 would miss this tolerance at K=4096), TF32 only when allowed."""
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    x, w, b = make(256, 4096, 256, device="cuda")
+    exact = F.linear(x.double(), w.double(), b.double()).relu()
+    assert not torch.backends.cuda.matmul.allow_tf32
+    assert (kernels.linear(x, w, b).double() - exact).abs().max() < 1e-4
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert (kernels.linear(x, w, b).double() - exact).abs().max() < 3e-2
