@@ -266,7 +266,7 @@ class _TritonPlan(_GroupPlan):
                                    f"{type(self.optimizer).__name__} but param_groups' capturable is False.")
             # The graph reads these tables at every replay: never let them be freed.
             kept = self.optimizer._graph_tables
-            kept.extend(t for t in self.tables if not any(t is k for k in kept))
+            kept += [t for t in self.tables if not any(t is k for k in kept)]
         lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         lr_on_device = isinstance(lr, torch.Tensor) and lr.device == self.device
         if not lr_on_device:
