@@ -37,7 +37,7 @@ from kernels.triton.utils import TORCH_TO_TL
 MAX_SINGLE_BLOCK = 8192
 STREAM_BLOCK = 8192
 SCALE_BLOCK = 4096
-STATS_BLOCK = 1024
+STATS_BLOCK = 4096
 
 
 @triton.jit
@@ -154,7 +154,8 @@ def _cross_entropy_kernel(
                     smooth += tl.where(mask, w * (lse - x), 0.0)
                 if COMPUTE_GRAD:
                     dx = _gradient_block(x, w, start + cols, t, lse, p_coef, w_coef, t_coef, row_fill, valid)
-                    tl.store(grad_ptr + start + cols, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+                    tl.store(grad_ptr + start + cols, dx.to(grad_ptr.dtype.element_ty), mask=mask,
+                             eviction_policy="evict_first")
 
     loss = (1.0 - eps) * w_t * (lse - x_t) + eps_c * tl.sum(smooth, 0)
     # Multiplied, not selected, by the scale: with "mean" over no counted row (scale = inf) the
@@ -200,7 +201,7 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
     weight_arg = weight if has_weight else logits  # never read without HAS_WEIGHT
     _target_stats_kernel[(1,)](target, weight_arg, stats, ok, N, C, ignore_index,
                                HAS_WEIGHT=has_weight, SUM_WEIGHT=has_weight and smoothing,
-                               COMPUTE=TORCH_TO_TL[compute], BLOCK=STATS_BLOCK)
+                               COMPUTE=TORCH_TO_TL[compute], BLOCK=STATS_BLOCK, num_warps=8)
     loss = torch.empty(N, dtype=compute, device=device)
     if N:
         block, num_warps, single = _row_config(C)
