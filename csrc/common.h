@@ -13,6 +13,7 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace kernels {
@@ -82,9 +83,13 @@ __attribute__((always_inline)) inline void vstore(T* p, Vec<T, VB> v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
+// Every lane x, spelled as a shuffle of lane 0 so that it compiles to one broadcast (from
+// memory when x was just loaded). `Vec{} + x` would also add +0.0, which the compiler may not
+// drop (it turns -0.0 into +0.0): an add and a register broadcast on the FMA ports per splat.
 template <class T, int VB>
 __attribute__((always_inline)) inline Vec<T, VB> vsplat(T x) {
-  return Vec<T, VB>{} + x;
+  using Index = Vec<std::conditional_t<sizeof(T) == 8, int64_t, int32_t>, VB>;
+  return __builtin_shuffle(Vec<T, VB>{x}, Index{});
 }
 
 #define KERNELS_INLINE __attribute__((always_inline)) inline

@@ -196,8 +196,11 @@ KERNELS_MULTIVERSION(forward_block, forward_block_impl)
 // ---------------------------------------------------------------------------------------
 // Backward: C (R x K) = A (R x S) . B (S x K) with B's rows contiguous, for dx (A = dz,
 // B = W) and dW (A = dz^T, B = x). The micro-kernel broadcasts MR entries of A against NV
-// vectors of a row of B. A is packed per MR rows into panel[s * MR + i], forming dz from dy
-// and y on the way, so its broadcasts are consecutive; rows past R are packed as zeros.
+// vectors of a row of B. A is packed per tile of MR rows, forming dz from dy and y on the way,
+// in whichever layout its source reads contiguously, so the packing is a vectorised pass:
+//   dx: rows of dz are rows of A: row-major panels, A(i, s) at panel[i * S + s];
+//   dW: rows of dz are columns of A: s-major panels, A(i, s) at panel[s * MR + i].
+// Rows past R are packed as zeros.
 
 template <class T, int VB>
 struct OuterTile {
@@ -207,43 +210,66 @@ struct OuterTile {
 };
 
 // Reduction entries per pass over a C tile: keeps the panels of A and B in L1/L2 for large S.
-constexpr int64_t kReductionBlock = 512;
+constexpr int64_t kReductionBlock = 256;
 
-// Packs dz(r0 + i, s) = dy * act'(y) at offset i * stride_i + s * stride_s of dy and y, for
-// i < rows (zeros up to MR) and s < S, into panel[s * MR + i]. With `sums`, also adds
-// sum_s dz(r0 + i, s) to sums[i] (the bias gradient when A = dz^T).
+// Element (i, s) of an MR-row tile of A.
+template <bool ROW_MAJOR, int MR, class T>
+KERNELS_INLINE T panel_at(const T* panel, int64_t S, int i, int64_t s) {
+  return ROW_MAJOR ? panel[i * S + s] : panel[s * MR + i];
+}
+
+// dx's tile: panel[i * S + s] = dz(m0 + i, s) for i < rows, zeros up to MR; dy, y point at row m0.
 template <Act A, int MR, class T>
-KERNELS_INLINE void pack_dz(const T* dy, const T* y, int64_t stride_i, int64_t stride_s, int rows, int64_t S,
-                            T* panel, T* sums) {
+KERNELS_INLINE void pack_dz_rows(const T* dy, const T* y, int64_t S, int rows, T* panel) {
+  for (int i = 0; i < rows; ++i) {
+    const T* dyi = dy + i * S;
+    const T* yi = A == Act::none ? nullptr : y + i * S;
+    T* out = panel + i * S;
+    for (int64_t s = 0; s < S; ++s) out[s] = activation_grad<A, T>(dyi[s], A == Act::none ? T(0) : yi[s]);
+  }
+  std::fill(panel + rows * S, panel + MR * S, T(0));
+}
+
+// dW's tile: panel[s * MR + i] = dz(s, n0 + i) for s < M and i < rows (zeros up to MR); dy, y
+// point at column n0 and have rows of N. Also sums[i] = sum_s dz(s, n0 + i) when sums is given
+// (the bias gradient).
+template <Act A, int MR, class T>
+KERNELS_INLINE void pack_dz_columns(const T* dy, const T* y, int64_t M, int64_t N, int rows, T* panel, T* sums) {
   T total[MR] = {};
-  for (int64_t s = 0; s < S; ++s) {
-    for (int i = 0; i < MR; ++i) {
-      T g = T(0);
-      if (i < rows) {
-        const int64_t at = i * stride_i + s * stride_s;
-        g = activation_grad<A, T>(dy[at], y ? y[at] : T(0));
+  if (rows == MR) {  // the common case, with a fixed trip count the compiler vectorises
+    for (int64_t s = 0; s < M; ++s) {
+      for (int i = 0; i < MR; ++i) {
+        const T g = activation_grad<A, T>(dy[s * N + i], A == Act::none ? T(0) : y[s * N + i]);
+        panel[s * MR + i] = g;
+        total[i] += g;
       }
-      panel[s * MR + i] = g;
-      total[i] += g;
+    }
+  } else {
+    for (int64_t s = 0; s < M; ++s) {
+      for (int i = 0; i < MR; ++i) {
+        const T g = i < rows ? activation_grad<A, T>(dy[s * N + i], A == Act::none ? T(0) : y[s * N + i]) : T(0);
+        panel[s * MR + i] = g;
+        total[i] += g;
+      }
     }
   }
   if (sums)
     for (int i = 0; i < rows; ++i) sums[i] = total[i];
 }
 
-// c[i, 0..cols) (+)= sum_{s < S} panel[s * MR + i] * b[s * ldb + 0..cols) for i < rows,
+// c[i, 0..cols) (+)= sum_{s0 <= s < s0 + sc} A(i, s) * b[(s - s0) * ldb + 0..cols) for i < rows,
 // where cols <= NV * L and b holds NV full vectors per row.
-template <int MR, int NV, class T, int VB>
-KERNELS_INLINE void outer_tile(const T* panel, const T* b, int64_t ldb, int64_t S, T* c, int64_t ldc, int rows,
-                               int cols, bool accumulate) {
+template <bool ROW_MAJOR, int MR, int NV, class T, int VB>
+KERNELS_INLINE void outer_tile(const T* panel, int64_t S, int64_t s0, int64_t sc, const T* b, int64_t ldb, T* c,
+                               int64_t ldc, int rows, int cols, bool accumulate) {
   using V = Vec<T, VB>;
   constexpr int L = lanes<T, VB>;
   V acc[MR][NV] = {};
-  for (int64_t s = 0; s < S; ++s) {
+  for (int64_t s = 0; s < sc; ++s) {
     V bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = vload<T, VB>(b + s * ldb + v * L);
     for (int i = 0; i < MR; ++i) {
-      const V a = vsplat<T, VB>(panel[s * MR + i]);
+      const V a = vsplat<T, VB>(panel_at<ROW_MAJOR, MR>(panel, S, i, s0 + s));
       for (int v = 0; v < NV; ++v) acc[i][v] += a * bv[v];
     }
   }
@@ -260,41 +286,40 @@ KERNELS_INLINE void outer_tile(const T* panel, const T* b, int64_t ldb, int64_t 
 }
 
 // outer_tile with nv <= NV vectors per row chosen at run time (the last column tile may be narrower).
-template <int MR, int NV, class T, int VB>
-KERNELS_INLINE void outer_tile_cols(int nv, const T* panel, const T* b, int64_t ldb, int64_t S, T* c, int64_t ldc,
-                                    int rows, int cols, bool accumulate) {
+template <bool ROW_MAJOR, int MR, int NV, class T, int VB>
+KERNELS_INLINE void outer_tile_cols(int nv, const T* panel, int64_t S, int64_t s0, int64_t sc, const T* b, int64_t ldb,
+                                    T* c, int64_t ldc, int rows, int cols, bool accumulate) {
   if constexpr (NV > 1)
-    if (nv < NV) return outer_tile_cols<MR, NV - 1, T, VB>(nv, panel, b, ldb, S, c, ldc, rows, cols, accumulate);
-  outer_tile<MR, NV, T, VB>(panel, b, ldb, S, c, ldc, rows, cols, accumulate);
+    if (nv < NV)
+      return outer_tile_cols<ROW_MAJOR, MR, NV - 1, T, VB>(nv, panel, S, s0, sc, b, ldb, c, ldc, rows, cols, accumulate);
+  outer_tile<ROW_MAJOR, MR, NV, T, VB>(panel, S, s0, sc, b, ldb, c, ldc, rows, cols, accumulate);
 }
 
-// C (R x K, row stride K) = A . B, where `panels` holds A packed by pack_dz: MR * S entries
-// per row tile. Column tiles of NV vectors outermost, so that the panel of B (S x NV vectors)
-// is reused by every row tile from L1/L2.
-template <int VB, class T>
+// C (R x K, row stride K) = A . B, where `panels` holds A packed per MR rows (MR * S entries a
+// tile, laid out as ROW_MAJOR says). Column tiles of NV vectors outermost; each block of at most
+// kReductionBlock rows of such a tile of B is first copied into a contiguous, zero-padded buffer:
+// read in place, its rows would sit K entries apart (with K a multiple of 1024 every row maps
+// to the same L1 set), and the buffer is then reused by every row tile of A.
+template <bool ROW_MAJOR, int VB, class T>
 KERNELS_INLINE void gemm_panels(const T* panels, int64_t S, const T* b, int64_t K, T* c, int64_t R) {
   constexpr int L = lanes<T, VB>;
   constexpr int MR = OuterTile<T, VB>::MR, NV = OuterTile<T, VB>::NV, KR = NV * L;
-  std::vector<T> padded;  // B's last column tile when K is not a multiple of L
+  std::vector<T> packed(std::max<int64_t>(1, std::min(S, kReductionBlock)) * KR);
   for (int64_t k0 = 0; k0 < K; k0 += KR) {
     const int cols = int(std::min<int64_t>(KR, K - k0));
     const int nv = (cols + L - 1) / L;
-    const T* bk = b + k0;
-    int64_t ldb = K;
-    if (cols % L) {
-      padded.assign(S * nv * L, T(0));
-      for (int64_t s = 0; s < S; ++s) std::memcpy(&padded[s * nv * L], b + s * K + k0, cols * sizeof(T));
-      bk = padded.data();
-      ldb = nv * L;
-    }
     int64_t s0 = 0;
     do {  // at least once: an empty reduction (S = 0) stores zeros
       const int64_t sc = std::min(kReductionBlock, S - s0);
+      for (int64_t s = 0; s < sc; ++s) {
+        T* row = &packed[s * nv * L];
+        std::memcpy(row, b + (s0 + s) * K + k0, cols * sizeof(T));
+        std::fill(row + cols, row + nv * L, T(0));
+      }
       for (int64_t r0 = 0; r0 < R; r0 += MR) {
-        const T* panel = panels + r0 * S + s0 * MR;
-        T* ct = c + r0 * K + k0;
         const int rows = int(std::min<int64_t>(MR, R - r0));
-        outer_tile_cols<MR, NV, T, VB>(nv, panel, bk + s0 * ldb, ldb, sc, ct, K, rows, cols, s0 > 0);
+        outer_tile_cols<ROW_MAJOR, MR, NV, T, VB>(nv, panels + r0 * S, S, s0, sc, packed.data(), nv * L,
+                                                  c + r0 * K + k0, K, rows, cols, s0 > 0);
       }
     } while ((s0 += kReductionBlock) < S);
   }
@@ -309,10 +334,9 @@ KERNELS_INLINE void grad_input_impl(const T* dy, const T* y, const T* w, T* dx, 
   std::vector<T> panels((R + MR - 1) / MR * MR * N);
   for (int64_t r0 = 0; r0 < R; r0 += MR) {
     const int64_t at = (m_begin + r0) * N;
-    pack_dz<A, MR>(dy + at, y ? y + at : nullptr, N, 1, int(std::min<int64_t>(MR, R - r0)), N, &panels[r0 * N],
-                   static_cast<T*>(nullptr));
+    pack_dz_rows<A, MR>(dy + at, y ? y + at : nullptr, N, int(std::min<int64_t>(MR, R - r0)), &panels[r0 * N]);
   }
-  gemm_panels<VB>(panels.data(), N, w, K, dx + m_begin * K, R);
+  gemm_panels<true, VB>(panels.data(), N, w, K, dx + m_begin * K, R);
 }
 KERNELS_MULTIVERSION(grad_input, grad_input_impl)
 
@@ -325,10 +349,10 @@ KERNELS_INLINE void grad_weight_impl(const T* dy, const T* y, const T* x, T* dw,
   std::vector<T> panels((R + MR - 1) / MR * MR * M);
   for (int64_t r0 = 0; r0 < R; r0 += MR) {
     const int64_t n0 = n_begin + r0;
-    pack_dz<A, MR>(dy + n0, y ? y + n0 : nullptr, 1, N, int(std::min<int64_t>(MR, R - r0)), M, &panels[r0 * M],
-                   db ? db + n0 : nullptr);
+    pack_dz_columns<A, MR>(dy + n0, y ? y + n0 : nullptr, M, N, int(std::min<int64_t>(MR, R - r0)), &panels[r0 * M],
+                           db ? db + n0 : nullptr);
   }
-  if (dw) gemm_panels<VB>(panels.data(), M, x, K, dw + n_begin * K, R);
+  if (dw) gemm_panels<false, VB>(panels.data(), M, x, K, dw + n_begin * K, R);
 }
 KERNELS_MULTIVERSION(grad_weight, grad_weight_impl)
 

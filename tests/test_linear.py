@@ -100,6 +100,23 @@ def test_mnist_layers(backend, shape, activation):
     check_against_nn(x, w, b, activation)
 
 
+# Shapes past every blocking boundary of the C++ GEMMs: several column tiles with a ragged
+# last one (K = 100, 1030), reductions longer than one block (M = 600 for dW, N = 530 for dx),
+# row counts that leave partial micro-tiles; on one thread and on several.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(600, 100, 530), (37, 1030, 21)], ids=lambda s: "x".join(map(str, s)))
+def test_cpp_blocking_boundaries(shape, dtype, threads, monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "cpu")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, w, b = make(*shape, device="cpu", dtype=dtype)
+        check_against_nn(x, w, b, "relu")
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_float64(backend):
     x, w, b = make(9, 20, 7, device=backend.device, dtype=torch.float64)
     check_against_nn(x, w, b, "tanh")
