@@ -168,6 +168,20 @@ KERNELS_INLINE void forward_tile(const T* x, const T* w, const Vec<T, VB>* bias,
   }
 }
 
+// Prefetches `bytes` from `base` into L1 in `parts` slices of whole cache lines, slice by slice.
+struct PrefetchSlices {
+  static constexpr int64_t kLine = 64;
+  const char* base;
+  int64_t lines, per_part;
+  PrefetchSlices(const void* p, int64_t bytes, int64_t parts)
+      : base(static_cast<const char*>(p)), lines((bytes + kLine - 1) / kLine),
+        per_part(parts > 0 ? (lines + parts - 1) / parts : 0) {}
+  KERNELS_INLINE void issue(int64_t part) const {
+    const int64_t end = std::min(lines, (part + 1) * per_part);
+    for (int64_t l = part * per_part; l < end; ++l) __builtin_prefetch(base + l * kLine, 0, 3);
+  }
+};
+
 // One thread's share of the forward: the tiles of rows [m_begin, m_end) x cols [n_begin, n_end).
 // A block of rows of x stays in L2 while a group of NR rows of W stays in L1.
 template <int VB, class T, Act A>
@@ -186,8 +200,16 @@ KERNELS_INLINE void forward_block_impl(const T* x, const T* w, const T* b, T* y,
       if (b)
         for (int g = 0; g < G; ++g)
           for (int l = 0; l < L; ++l) bias[g][l] = b[n0 + std::min((g * L + l) % NR, nr - 1)];
-      for (int64_t m0 = mb; m0 < me; m0 += MR)
+      // In a training step W arrives cold (the optimizer wrote it last), and the first tile
+      // of each group would stall on its rows: the next group's rows are prefetched, a slice
+      // before each tile of this group, so the fetch overlaps this group's arithmetic.
+      const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(NR, n_end - n0 - NR));
+      const int64_t tiles = (me - mb + MR - 1) / MR;
+      const PrefetchSlices next(w + (n0 + NR) * K, next_rows * K * int64_t(sizeof(T)), tiles);
+      for (int64_t m0 = mb, tile = 0; m0 < me; m0 += MR, ++tile) {
+        next.issue(tile);
         forward_tile<A, VB, T>(x, w, bias, y, N, K, m0, int(std::min<int64_t>(MR, me - m0)), n0, nr);
+      }
     }
   }
 }

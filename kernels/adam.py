@@ -30,6 +30,9 @@ from kernels._dispatch import SUPPORTED_DTYPES, backend_for, cpp, cpp_dtype, num
 __all__ = ["FusedAdam", "FusedAdamW", "adam_reference"]
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# One row of a group's tensor table, as both backends' kernels read it (csrc/adam.cpp, kernels/triton/adam.py).
+TABLE_FIELDS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step", "numel")
+_GRAD_SLOT = TABLE_FIELDS.index("grad")
 
 
 def _state_dtype(param: torch.Tensor) -> torch.dtype:
@@ -149,20 +152,33 @@ class _GroupPlan:
         self.amsgrad = bool(group["amsgrad"])
         self.device = self.params[0].device
         self.dtypes = SUPPORTED_DTYPES.get(self.backend)
-        self.key: list | None = None  # parameter and gradient addresses the launch data was built for
+        self.layout: list | None = None  # parameter addresses and gradient strides the plan was built for
+        self.grad_addresses: list[int] = []  # of the gradients it was built or last updated for
 
     def step(self, group: dict) -> None:
         params = self.params
         grads = [p.grad for p in params]
         try:
-            key = [p.data_ptr() for p in params]
-            key += [None if g is None else g.data_ptr() for g in grads]
-        except RuntimeError:  # a sparse gradient has no data pointer; _collect says so
-            key = None
-        if key is None or key != self.key:
+            layout = [p.data_ptr() for p in params]
+            layout += [None if g is None else g.stride() for g in grads]
+            addresses = [g.data_ptr() for g in grads if g is not None]
+        except RuntimeError:  # a sparse gradient has no strides; _collect says so
+            layout = None
+        if layout is None or layout != self.layout:
             self.build(self._collect(grads))
-            self.key = key
+            self.layout, self.grad_addresses = layout, addresses
+        elif addresses != self.grad_addresses:
+            # The usual case when grads are set to None between steps: new gradient tensors
+            # (PyTorch has checked their shape, dtype and device against the parameter) laid out
+            # as before, so only their addresses change.
+            self.set_grad_addresses(grads, addresses)
+            self.grad_addresses = addresses
         self.launch(group)
+
+    def set_grad_addresses(self, grads: list, addresses: list[int]) -> None:
+        """Point the launch data at new gradients (``addresses``: those of the non-None ones,
+        in parameter order); by default, build it again."""
+        self.build(self._collect(grads))
 
     def _collect(self, grads: list) -> dict[torch.dtype, list[tuple]]:
         """(param, grad, state) of every parameter that has a gradient, by parameter dtype,
@@ -199,8 +215,8 @@ class _GroupPlan:
 
     @staticmethod
     def rows(items: list[tuple]) -> list[tuple[int, ...]]:
-        """The table rows the kernels walk: addresses of param, grad, exp_avg, exp_avg_sq,
-        max_exp_avg_sq (0 without amsgrad) and step, then numel."""
+        """The table rows the kernels walk (TABLE_FIELDS): addresses of param, grad, exp_avg,
+        exp_avg_sq, max_exp_avg_sq (0 without amsgrad) and step, then numel."""
         return [
             (p.data_ptr(), g.data_ptr(), s["exp_avg"].data_ptr(), s["exp_avg_sq"].data_ptr(),
              s["max_exp_avg_sq"].data_ptr() if "max_exp_avg_sq" in s else 0, s["step"].data_ptr(), p.numel())
@@ -232,9 +248,17 @@ class _CppPlan(_GroupPlan):
 
     def build(self, buckets):
         self.calls = []
+        grad_slots = {}  # parameter -> (its table, the index of its gradient's address there)
         for dtype, items in buckets.items():
             table = array("q", chain.from_iterable(self.rows(items)))
             self.calls.append((cpp_dtype(items[0][0]), table, table.buffer_info()[0], len(items)))
+            for row, (p, _, _) in enumerate(items):
+                grad_slots[p] = (table, row * len(TABLE_FIELDS) + _GRAD_SLOT)
+        self.grad_slots = [grad_slots[p] for p in self.params if p in grad_slots]
+
+    def set_grad_addresses(self, grads, addresses):
+        for (table, slot), address in zip(self.grad_slots, addresses):
+            table[slot] = address
 
     def launch(self, group):
         lr, (beta1, beta2) = group["lr"], group["betas"]

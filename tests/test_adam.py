@@ -176,6 +176,21 @@ def test_gradients_moving_between_steps(backend):
     assert_same(run(FusedAdam), run(torch.optim.Adam))
 
 
+def test_gradient_layout_checked_at_every_step(backend):
+    """A later step's gradient in another layout, or sparse, is rejected like a first one,
+    even though only gradient addresses usually change between steps."""
+    p = torch.zeros(4, 3, device=backend.device, requires_grad=True)
+    opt = FusedAdam([p])
+    p.grad = torch.ones(4, 3, device=backend.device)
+    opt.step()
+    p.grad = torch.ones(3, 4, device=backend.device).t()
+    with pytest.raises(ValueError, match="laid out alike"):
+        opt.step()
+    p.grad = torch.ones(4, 3, device=backend.device).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+
+
 def test_zero_grad_and_closure(backend):
     init, _ = make_problem(backend.device, shapes=[(4, 3)], steps=0)
     x = torch.randn(5, 4, device=backend.device)
@@ -290,6 +305,13 @@ def test_sparse_gradient_rejected(backend):
     p.grad = torch.ones(4, 3, device=backend.device).to_sparse()
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step()
+
+
+def test_table_layout_matches_the_cpp_kernel():
+    from kernels import _C
+    from kernels.adam import TABLE_FIELDS
+
+    assert _C.adam_table_fields == len(TABLE_FIELDS)
 
 
 def test_mixed_devices_rejected():
