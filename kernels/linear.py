@@ -107,6 +107,10 @@ def _cpu_forward(x, weight, bias, activation):
     return y
 
 
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
 def _cpu_backward(dy, x, weight, y, activation, need_x, need_weight, need_bias):
     M, K = x.shape
     N = weight.shape[0]
@@ -114,9 +118,8 @@ def _cpu_backward(dy, x, weight, y, activation, need_x, need_weight, need_bias):
     dx = x.new_empty((M, K)) if need_x else None
     dw = weight.new_empty((N, K)) if need_weight else None
     db = weight.new_empty((N,)) if need_bias else None
-    address = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-    cpp().linear_backward(dy.data_ptr(), address(y), x.data_ptr(), weight.data_ptr(), address(dx), address(dw),
-                          address(db), M, N, K, activation, cpp_dtype(x), num_threads())
+    cpp().linear_backward(dy.data_ptr(), _address(y), x.data_ptr(), weight.data_ptr(), _address(dx), _address(dw),
+                          _address(db), M, N, K, activation, cpp_dtype(x), num_threads())
     return dx, dw, db
 
 
@@ -181,12 +184,21 @@ class _LinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        x, weight, y = ctx.saved_tensors
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        dx, dw, db = _backward(dy, x, weight, y, ctx.activation, ctx.backend, need_x, need_weight, need_bias)
-        return dx, dw, db, None, None
+        if torch.is_grad_enabled():  # create_graph=True: fail only if this gradient is differentiated again
+            return _linear_grads_once_differentiable(ctx, dy)
+        return _linear_grads(ctx, dy)
+
+
+def _linear_grads(ctx, dy):
+    x, weight, y = ctx.saved_tensors
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    dx, dw, db = _backward(dy, x, weight, y, ctx.activation, ctx.backend, need_x, need_weight, need_bias)
+    return dx, dw, db, None, None
+
+
+# once_differentiable costs a few microseconds per call, so only the create_graph path pays it.
+_linear_grads_once_differentiable = once_differentiable(_linear_grads)
 
 
 class FusedLinear(nn.Module):

@@ -181,6 +181,18 @@ def test_no_grad_forward(backend):
     torch.testing.assert_close(y, torch.sigmoid(F.linear(x, w, b)))
 
 
+def test_create_graph(backend):
+    """backward(create_graph=True) gives nn.Linear's gradient, which cannot be differentiated again."""
+    x, w, b = make(5, 7, 3, device=backend.device)
+    x.requires_grad_()
+    (dx,) = torch.autograd.grad(kernels.linear(x, w, b, "tanh").sum(), x, create_graph=True)
+    x64 = x.detach().double().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(torch.tanh(F.linear(x64, w.double(), b.double())).sum(), x64)
+    torch.testing.assert_close(dx.double(), dx_ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError):  # no second derivative: an error, never a silent zero
+        dx.sum().backward()
+
+
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 def test_gradcheck_cpp(activation, monkeypatch):
     monkeypatch.setenv("KERNELS_BACKEND", "cpu")
