@@ -31,21 +31,32 @@ def triton_interpreting() -> bool:
 
 def backend_for(device: torch.device) -> str:
     """The backend that runs an op whose tensors live on ``device``."""
-    forced = os.environ.get("KERNELS_BACKEND", "").strip().lower()
+    key = (os.environ.get("KERNELS_BACKEND", ""), device.type)
+    backend = _chosen.get(key)
+    if backend is None:  # every op asks on every call: the answer is worked out once per setting
+        backend = _chosen[key] = _choose(*key)
+    return backend
+
+
+_chosen: dict[tuple[str, str], str] = {}
+
+
+def _choose(forced: str, device_type: str) -> str:
+    forced = forced.strip().lower()
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"KERNELS_BACKEND={forced!r} is not one of {', '.join(BACKENDS)}")
-        if forced == "cpu" and device.type != "cpu":
-            raise ValueError(f"KERNELS_BACKEND=cpu runs the C++ kernels on CPU tensors only, got a {device.type} tensor")
-        if forced == "triton" and device.type != "cuda" and not triton_interpreting():
+        if forced == "cpu" and device_type != "cpu":
+            raise ValueError(f"KERNELS_BACKEND=cpu runs the C++ kernels on CPU tensors only, got a {device_type} tensor")
+        if forced == "triton" and device_type != "cuda" and not triton_interpreting():
             raise ValueError(
-                f"KERNELS_BACKEND=triton on a {device.type} tensor needs Triton's interpreter: "
+                f"KERNELS_BACKEND=triton on a {device_type} tensor needs Triton's interpreter: "
                 "set TRITON_INTERPRET=1 before importing kernels"
             )
         return forced
-    if device.type == "cuda" and _triton_available():
+    if device_type == "cuda" and _triton_available():
         return "triton"
-    if device.type == "cpu":
+    if device_type == "cpu":
         return "cpu"
     return "torch"
 
