@@ -12,10 +12,9 @@ from ffnn.errors import FFNNError
 from ffnn.model import IMPLS
 
 
-def add_data_options(p: argparse.ArgumentParser, dataset_default: str | None) -> None:
-    p.add_argument("--dataset", choices=tuple(CLASSES), default=dataset_default,
-                   help="which dataset (default: %(default)s)" if dataset_default else
-                   "which dataset (default: the checkpoint's)")
+def add_data_options(p: argparse.ArgumentParser, unset: str = "the checkpoint's") -> None:
+    """--dataset (``unset`` says what leaving it out means), --data-dir, --no-download."""
+    p.add_argument("--dataset", choices=tuple(CLASSES), help=f"which dataset (default: {unset})")
     p.add_argument("--data-dir", default=None,
                    help="directory with the four IDX files (gzipped or not), or where to download them "
                         "(default: ./data; for fashion-mnist /usr/share/datasets/fashion-mnist when installed)")
@@ -23,12 +22,13 @@ def add_data_options(p: argparse.ArgumentParser, dataset_default: str | None) ->
                    help="never download: fail when the files are not in --data-dir")
 
 
-def add_device_options(p: argparse.ArgumentParser, impl_default: str | None = "fused") -> None:
+def add_device_options(p: argparse.ArgumentParser, impl_unset: str | None = None) -> None:
+    """--device and --impl; --impl defaults to fused unless ``impl_unset`` says what leaving it out means."""
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: cuda when available, else cpu (default: %(default)s)")
-    p.add_argument("--impl", choices=IMPLS, default=impl_default,
+    p.add_argument("--impl", choices=IMPLS, default=None if impl_unset else "fused",
                    help="fused: this library's kernels; torch: nn.Linear, F.cross_entropy, torch.optim "
-                        + ("(default: %(default)s)" if impl_default else "(default: the checkpoint's)"))
+                        f"(default: {impl_unset or 'fused'})")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

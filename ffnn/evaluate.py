@@ -50,7 +50,7 @@ def evaluate_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, los
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoint of ffnn.train, or a bare fc1..fcK state_dict")
-    add_data_options(p, dataset_default=None)
+    add_data_options(p)
     add_device_options(p)
     p.add_argument("--out", default=None, help="confusion-matrix PNG (default: confusion.png next to the checkpoint)")
     return p.parse_args(argv)

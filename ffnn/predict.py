@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="a checkpoint of ffnn.train, or a bare fc1..fcK state_dict")
     p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
                    help="invert the image (auto: when its border is light) (default: %(default)s)")
-    add_data_options(p, dataset_default=None)
+    add_data_options(p)
     add_device_options(p)
     args = p.parse_args(argv)
     if (args.image is None) == (args.index is None):

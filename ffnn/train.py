@@ -57,8 +57,8 @@ def _hidden(text: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    add_data_options(p, dataset_default=None)
-    add_device_options(p, impl_default=None)
+    add_data_options(p, unset="mnist, or the checkpoint's with --resume")
+    add_device_options(p, impl_unset="fused, or the checkpoint's with --resume")
     p.add_argument("--epochs", type=int, help=f"total epochs to train (default {DEFAULT_EPOCHS}, or the checkpoint's)")
     p.add_argument("--batch-size", type=int, help="global batch size (default 64)")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
