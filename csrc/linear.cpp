@@ -13,8 +13,9 @@
 //   before it is stored.
 // * dx = dz W and dW = dz^T x: the output rows are contiguous along k like the rows of W and x,
 //   so the micro-kernel broadcasts dz entries against rows of W or x (outer-product form). dz is
-//   formed from dy and y while packing the broadcast operand into a small buffer (never a full
-//   (M, N) pass), and db is summed during the packing for dW.
+//   formed from dy and y while the broadcast operand is packed (each thread packs only its own
+//   rows or columns of it), db is summed during the packing for dW, and W or x is copied block
+//   by block into a contiguous buffer that every row tile reuses.
 #include "common.h"
 
 #include <algorithm>
@@ -168,20 +169,6 @@ KERNELS_INLINE void forward_tile(const T* x, const T* w, const Vec<T, VB>* bias,
   }
 }
 
-// Prefetches `bytes` from `base` into L1 in `parts` slices of whole cache lines, slice by slice.
-struct PrefetchSlices {
-  static constexpr int64_t kLine = 64;
-  const char* base;
-  int64_t lines, per_part;
-  PrefetchSlices(const void* p, int64_t bytes, int64_t parts)
-      : base(static_cast<const char*>(p)), lines((bytes + kLine - 1) / kLine),
-        per_part(parts > 0 ? (lines + parts - 1) / parts : 0) {}
-  KERNELS_INLINE void issue(int64_t part) const {
-    const int64_t end = std::min(lines, (part + 1) * per_part);
-    for (int64_t l = part * per_part; l < end; ++l) __builtin_prefetch(base + l * kLine, 0, 3);
-  }
-};
-
 // One thread's share of the forward: the tiles of rows [m_begin, m_end) x cols [n_begin, n_end).
 // A block of rows of x stays in L2 while a group of NR rows of W stays in L1.
 template <int VB, class T, Act A>
@@ -200,16 +187,8 @@ KERNELS_INLINE void forward_block_impl(const T* x, const T* w, const T* b, T* y,
       if (b)
         for (int g = 0; g < G; ++g)
           for (int l = 0; l < L; ++l) bias[g][l] = b[n0 + std::min((g * L + l) % NR, nr - 1)];
-      // In a training step W arrives cold (the optimizer wrote it last), and the first tile
-      // of each group would stall on its rows: the next group's rows are prefetched, a slice
-      // before each tile of this group, so the fetch overlaps this group's arithmetic.
-      const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(NR, n_end - n0 - NR));
-      const int64_t tiles = (me - mb + MR - 1) / MR;
-      const PrefetchSlices next(w + (n0 + NR) * K, next_rows * K * int64_t(sizeof(T)), tiles);
-      for (int64_t m0 = mb, tile = 0; m0 < me; m0 += MR, ++tile) {
-        next.issue(tile);
+      for (int64_t m0 = mb; m0 < me; m0 += MR)
         forward_tile<A, VB, T>(x, w, bias, y, N, K, m0, int(std::min<int64_t>(MR, me - m0)), n0, nr);
-      }
     }
   }
 }
@@ -252,29 +231,30 @@ KERNELS_INLINE void pack_dz_rows(const T* dy, const T* y, int64_t S, int rows, T
   std::fill(panel + rows * S, panel + MR * S, T(0));
 }
 
-// dW's tile: panel[s * MR + i] = dz(s, n0 + i) for s < M and i < rows (zeros up to MR); dy, y
-// point at column n0 and have rows of N. Also sums[i] = sum_s dz(s, n0 + i) when sums is given
-// (the bias gradient).
+// dW's tile: panel[s * MR + i] = dz(s, n0 + i) for s < M and i < rows (zeros up to MR), and
+// total[i] += the sum over s; dy, y point at column n0 and have rows of N. FULL (rows == MR,
+// the common case) gives the loop a fixed trip count, which the compiler vectorises.
+template <Act A, int MR, bool FULL, class T>
+KERNELS_INLINE void pack_dz_columns_tile(const T* dy, const T* y, int64_t M, int64_t N, int rows, T* panel,
+                                         T* total) {
+  for (int64_t s = 0; s < M; ++s) {
+    for (int i = 0; i < MR; ++i) {
+      const T g = FULL || i < rows ? activation_grad<A, T>(dy[s * N + i], A == Act::none ? T(0) : y[s * N + i]) : T(0);
+      panel[s * MR + i] = g;
+      total[i] += g;
+    }
+  }
+}
+
+// pack_dz_columns_tile, with the column sums stored into sums[0..rows) when sums is given (the
+// bias gradient).
 template <Act A, int MR, class T>
 KERNELS_INLINE void pack_dz_columns(const T* dy, const T* y, int64_t M, int64_t N, int rows, T* panel, T* sums) {
   T total[MR] = {};
-  if (rows == MR) {  // the common case, with a fixed trip count the compiler vectorises
-    for (int64_t s = 0; s < M; ++s) {
-      for (int i = 0; i < MR; ++i) {
-        const T g = activation_grad<A, T>(dy[s * N + i], A == Act::none ? T(0) : y[s * N + i]);
-        panel[s * MR + i] = g;
-        total[i] += g;
-      }
-    }
-  } else {
-    for (int64_t s = 0; s < M; ++s) {
-      for (int i = 0; i < MR; ++i) {
-        const T g = i < rows ? activation_grad<A, T>(dy[s * N + i], A == Act::none ? T(0) : y[s * N + i]) : T(0);
-        panel[s * MR + i] = g;
-        total[i] += g;
-      }
-    }
-  }
+  if (rows == MR)
+    pack_dz_columns_tile<A, MR, true>(dy, y, M, N, rows, panel, total);
+  else
+    pack_dz_columns_tile<A, MR, false>(dy, y, M, N, rows, panel, total);
   if (sums)
     for (int i = 0; i < rows; ++i) sums[i] = total[i];
 }
