@@ -297,6 +297,15 @@ KERNELS_INLINE void outer_tile_cols(int nv, const T* panel, int64_t S, int64_t s
   outer_tile<ROW_MAJOR, MR, NV, T, VB>(panel, S, s0, sc, b, ldb, c, ldc, rows, cols, accumulate);
 }
 
+// Whether rows `stride` bytes apart fall into so few L1 sets (of 64-byte lines, 64 sets) that a
+// few hundred of them evict each other: the case for copying a tile of B before using it.
+inline bool rows_alias_in_l1(int64_t stride) {
+  if (stride % 64) return false;  // rows start at shifting offsets within lines
+  int64_t a = stride / 64, b = 64;
+  while (b) a = std::exchange(b, a % b);  // gcd
+  return 64 / a < 16;
+}
+
 // C (R x K, row stride K) = A . B, where `panels` holds A packed per MR rows (MR * S entries a
 // tile, laid out as ROW_MAJOR says). Column tiles of NV vectors outermost; each block of at most
 // kReductionBlock rows of such a tile of B is first copied into a contiguous, zero-padded buffer:
@@ -307,21 +316,28 @@ KERNELS_INLINE void gemm_panels(const T* panels, int64_t S, const T* b, int64_t 
   constexpr int L = lanes<T, VB>;
   constexpr int MR = OuterTile<T, VB>::MR, NV = OuterTile<T, VB>::NV, KR = NV * L;
   std::vector<T> packed(std::max<int64_t>(1, std::min(S, kReductionBlock)) * KR);
+  const bool pack = rows_alias_in_l1(K * int64_t(sizeof(T)));
   for (int64_t k0 = 0; k0 < K; k0 += KR) {
     const int cols = int(std::min<int64_t>(KR, K - k0));
     const int nv = (cols + L - 1) / L;
     int64_t s0 = 0;
     do {  // at least once: an empty reduction (S = 0) stores zeros
       const int64_t sc = std::min(kReductionBlock, S - s0);
-      for (int64_t s = 0; s < sc; ++s) {
-        T* row = &packed[s * nv * L];
-        std::memcpy(row, b + (s0 + s) * K + k0, cols * sizeof(T));
-        std::fill(row + cols, row + nv * L, T(0));
+      const T* tile = b + s0 * K + k0;
+      int64_t ld = K;
+      if (pack || cols % L) {  // a ragged last tile is zero-padded to whole vectors
+        for (int64_t s = 0; s < sc; ++s) {
+          T* row = &packed[s * nv * L];
+          std::memcpy(row, b + (s0 + s) * K + k0, cols * sizeof(T));
+          std::fill(row + cols, row + nv * L, T(0));
+        }
+        tile = packed.data();
+        ld = nv * L;
       }
       for (int64_t r0 = 0; r0 < R; r0 += MR) {
         const int rows = int(std::min<int64_t>(MR, R - r0));
-        outer_tile_cols<ROW_MAJOR, MR, NV, T, VB>(nv, panels + r0 * S, S, s0, sc, packed.data(), nv * L,
-                                                  c + r0 * K + k0, K, rows, cols, s0 > 0);
+        outer_tile_cols<ROW_MAJOR, MR, NV, T, VB>(nv, panels + r0 * S, S, s0, sc, tile, ld, c + r0 * K + k0, K, rows,
+                                                  cols, s0 > 0);
       }
     } while ((s0 += kReductionBlock) < S);
   }

@@ -101,11 +101,13 @@ def test_mnist_layers(backend, shape, activation):
 
 
 # Shapes past every blocking boundary of the C++ GEMMs: several column tiles with a ragged
-# last one (K = 100, 1030), reductions longer than one block (M = 600 for dW, N = 530 for dx),
-# row counts that leave partial micro-tiles; on one thread and on several.
+# last one (K = 100, 1030), reductions longer than one block (M = 600, 300 for dW, N = 530 for
+# dx), row counts that leave partial micro-tiles, rows 4 KiB apart (K = 1024, whose tiles are
+# copied before use); on one thread and on several.
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("shape", [(600, 100, 530), (37, 1030, 21)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(600, 100, 530), (37, 1030, 21), (300, 1024, 40)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_cpp_blocking_boundaries(shape, dtype, threads, monkeypatch):
     monkeypatch.setenv("KERNELS_BACKEND", "cpu")
     previous = torch.get_num_threads()
