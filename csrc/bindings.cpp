@@ -5,5 +5,19 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "C++ CPU kernels of the kernels library (no libtorch; tensors cross as addresses)";
   m.def("isa", [] { return kernels::isa_name(kernels::detected_isa()); },
         "The SIMD instruction set the kernels use on this CPU: avx512, avx2 or portable.");
+  m.def(
+      "set_isa",
+      [](const std::string& name) {
+        for (auto isa : {kernels::Isa::portable, kernels::Isa::avx2, kernels::Isa::avx512}) {
+          if (name != kernels::isa_name(isa)) continue;
+          if (isa > kernels::supported_isa())
+            throw std::invalid_argument(std::string("kernels._C.set_isa: this CPU does not support ") + name);
+          kernels::active_isa().store(isa);
+          return;
+        }
+        throw std::invalid_argument("kernels._C.set_isa: unknown instruction set " + name +
+                                    " (avx512, avx2 or portable)");
+      },
+      "Run the kernels' variant for this instruction set (at most what the CPU supports); for tests.");
   for (auto& add_bindings : kernels::registry()) add_bindings(m);
 }

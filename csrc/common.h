@@ -8,6 +8,7 @@
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -40,7 +41,7 @@ struct Register {
 // for AVX-512, AVX2+FMA and baseline x86-64 and calls the best one this CPU supports.
 enum class Isa { portable = 0, avx2 = 1, avx512 = 2 };
 
-inline Isa detected_isa() {
+inline Isa supported_isa() {
 #if defined(__x86_64__) || defined(__i386__)
   static const Isa isa = [] {
     __builtin_cpu_init();
@@ -55,6 +56,15 @@ inline Isa detected_isa() {
   return Isa::portable;
 #endif
 }
+
+// The variant the kernels run: the best this CPU supports, unless lowered with set_isa (how the
+// tests run the AVX2 and portable variants on an AVX-512 machine).
+inline std::atomic<Isa>& active_isa() {
+  static std::atomic<Isa> isa{supported_isa()};
+  return isa;
+}
+
+inline Isa detected_isa() { return active_isa().load(std::memory_order_relaxed); }
 
 inline const char* isa_name(Isa isa) {
   switch (isa) {

@@ -46,3 +46,24 @@ def backend(request, monkeypatch) -> Backend:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _cpu_isas():
+    """The SIMD variants of the C++ kernels this CPU can run (each is compiled into kernels._C)."""
+    from kernels import _C
+
+    order = ("portable", "avx2", "avx512")
+    return list(order[: order.index(_C.isa()) + 1])
+
+
+@pytest.fixture(params=_cpu_isas())
+def cpu_isa(request, monkeypatch):
+    """Runs the test once per SIMD variant of the C++ kernels (KERNELS_BACKEND=cpu), restoring
+    the best one afterwards: CI's AVX-512 machine would otherwise never run the others."""
+    from kernels import _C
+
+    best = _C.isa()
+    monkeypatch.setenv("KERNELS_BACKEND", "cpu")
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa(best)

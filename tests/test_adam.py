@@ -86,6 +86,15 @@ def test_matches_torch(backend, option):
     assert not torch.equal(ours[0][0], init[0])
 
 
+@pytest.mark.parametrize("option", ["plain", "adamw_amsgrad_maximize", "weight_decay"])
+def test_every_cpu_isa(cpu_isa, option):
+    """The AVX-512, AVX2 and portable builds of the C++ step against torch.optim."""
+    ours_cls, torch_cls, kwargs = OPTIONS[option]
+    init, grads = make_problem("cpu", steps=10)
+    assert_same(train(lambda p: ours_cls(p, lr=LR, **kwargs), init, grads),
+                train(lambda p: torch_cls(p, lr=LR, **kwargs), init, grads))
+
+
 def test_float64_and_mixed_dtypes_in_one_group(backend):
     """float64 to 1e-12; a group mixing float32 and float64 takes one launch per dtype."""
     init, grads = make_problem(backend.device, dtype=torch.float64, steps=20)

@@ -119,6 +119,16 @@ def test_cpp_blocking_boundaries(shape, dtype, threads, monkeypatch):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_every_cpu_isa(cpu_isa, dtype):
+    """The AVX-512, AVX2 and portable builds of the C++ kernels, each against nn.Linear: every
+    activation, ragged tiles and the copied tiles of K = 1024."""
+    for shape, activation in [((37, 70, 21), "relu"), ((9, 20, 7), "sigmoid"), ((5, 33, 3), "tanh"),
+                              ((40, 1024, 30), "none")]:
+        x, w, b = make(*shape, device="cpu", dtype=dtype)
+        check_against_nn(x, w, b, activation)
+
+
 def test_float64(backend):
     x, w, b = make(9, 20, 7, device=backend.device, dtype=torch.float64)
     check_against_nn(x, w, b, "tanh")
