@@ -141,6 +141,7 @@ def _datasets() -> list[str]:
 def run(device: torch.device, quick: bool = False) -> Results:
     results = E2EResults("e2e", str(device))
     results.meta["runs"] = []
+    results.meta["per"] = "epoch"
     epochs = 2 if quick else 5
     on_cuda = device.type == "cuda"
     for name in _datasets():

@@ -108,7 +108,7 @@ class Results:
             f"# {self.op} on {m['device_name']} ({self.device})",
             "",
             f"{m['date']}, torch {m['torch']}" + (f", triton {m['triton']}" if "triton" in m else "")
-            + f", {m['threads']} CPU threads. Median time per call; `ours faster by` = peer time / ours"
+            + f", {m['threads']} CPU threads. Median time per {m.get('per', 'call')}; `ours faster by` = peer time / ours"
             " (above 1: ours is faster).",
             "",
             "| case | impl | time | rate | ours faster by |",
@@ -156,7 +156,7 @@ class Results:
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels(cases, rotation=20, ha="right", fontsize=8)
         ax.set_yscale("log")
-        ax.set_ylabel("ms per call (log scale, lower is better)")
+        ax.set_ylabel(f"ms per {self.meta.get('per', 'call')} (log scale, lower is better)")
         ax.set_title(f"{self.op}: {self.meta['device_name']} ({self.meta['date']})", fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
