@@ -3,7 +3,7 @@
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "C++ CPU kernels of the kernels library (no libtorch; tensors cross as addresses)";
-  m.def("isa", [] { return kernels::isa_name(kernels::detected_isa()); },
+  m.def("isa", [] { return kernels::isa_name(kernels::current_isa()); },
         "The SIMD instruction set the kernels use on this CPU: avx512, avx2 or portable.");
   m.def(
       "set_isa",

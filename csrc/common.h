@@ -38,7 +38,8 @@ struct Register {
 // ---------------------------------------------------------------------------------------
 // Run-time SIMD dispatch. A kernel body is written once as a template over the vector width
 // in bytes (VB) using GCC vector extensions (Vec<T, VB>); KERNELS_MULTIVERSION compiles it
-// for AVX-512, AVX2+FMA and baseline x86-64 and calls the best one this CPU supports.
+// for AVX-512, AVX2+FMA and baseline x86-64 and calls current_isa()'s: the best one this CPU
+// supports, unless set_isa lowered it.
 enum class Isa { portable = 0, avx2 = 1, avx512 = 2 };
 
 inline Isa supported_isa() {
@@ -64,7 +65,7 @@ inline std::atomic<Isa>& active_isa() {
   return isa;
 }
 
-inline Isa detected_isa() { return active_isa().load(std::memory_order_relaxed); }
+inline Isa current_isa() { return active_isa().load(std::memory_order_relaxed); }
 
 inline const char* isa_name(Isa isa) {
   switch (isa) {
@@ -113,7 +114,7 @@ __attribute__((always_inline)) inline Vec<T, VB> vsplat(T x) {
 #endif
 
 // KERNELS_MULTIVERSION(name, impl): defines `name(args...)` that forwards to `impl<VB>(args...)`
-// compiled for the best instruction set of this CPU (64-byte vectors on AVX-512, 32 on AVX2,
+// compiled for current_isa() (64-byte vectors on AVX-512, 32 on AVX2,
 // 16 on baseline SSE2). `impl` must be a function template `template <int VB, class... > ...`
 // marked KERNELS_INLINE so that its body is compiled inside each target-specific wrapper.
 // `impl` must not open OpenMP regions: GCC outlines a region into a new function that drops
@@ -128,7 +129,7 @@ __attribute__((always_inline)) inline Vec<T, VB> vsplat(T x) {
   static void name##_portable(A... a) { impl<16>(a...); }                                   \
   template <class... A>                                                                     \
   static void name(A... a) {                                                                \
-    switch (::kernels::detected_isa()) {                                                    \
+    switch (::kernels::current_isa()) {                                                    \
       case ::kernels::Isa::avx512: return name##_avx512(a...);                              \
       case ::kernels::Isa::avx2: return name##_avx2(a...);                                  \
       default: return name##_portable(a...);                                                \

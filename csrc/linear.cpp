@@ -14,8 +14,8 @@
 // * dx = dz W and dW = dz^T x: the output rows are contiguous along k like the rows of W and x,
 //   so the micro-kernel broadcasts dz entries against rows of W or x (outer-product form). dz is
 //   formed from dy and y while the broadcast operand is packed (each thread packs only its own
-//   rows or columns of it), db is summed during the packing for dW, and W or x is copied block
-//   by block into a contiguous buffer that every row tile reuses.
+//   rows or columns of it), and db is summed during the packing for dW. W or x is read in place,
+//   except where its rows alias in L1 or a ragged last tile needs zero padding.
 #include "common.h"
 
 #include <algorithm>
@@ -307,16 +307,17 @@ inline bool rows_alias_in_l1(int64_t stride) {
 }
 
 // C (R x K, row stride K) = A . B, where `panels` holds A packed per MR rows (MR * S entries a
-// tile, laid out as ROW_MAJOR says). Column tiles of NV vectors outermost; each block of at most
-// kReductionBlock rows of such a tile of B is first copied into a contiguous, zero-padded buffer:
-// read in place, its rows would sit K entries apart (with K a multiple of 1024 every row maps
-// to the same L1 set), and the buffer is then reused by every row tile of A.
+// tile, laid out as ROW_MAJOR says). Column tiles of NV vectors outermost, each reused by every
+// row tile of A in blocks of at most kReductionBlock rows. A block is read in place, or copied
+// first into a contiguous buffer where its rows alias in L1 (K entries apart, e.g. K = 1024)
+// and where the ragged last tile needs zero padding to whole vectors.
 template <bool ROW_MAJOR, int VB, class T>
 KERNELS_INLINE void gemm_panels(const T* panels, int64_t S, const T* b, int64_t K, T* c, int64_t R) {
   constexpr int L = lanes<T, VB>;
   constexpr int MR = OuterTile<T, VB>::MR, NV = OuterTile<T, VB>::NV, KR = NV * L;
-  std::vector<T> packed(std::max<int64_t>(1, std::min(S, kReductionBlock)) * KR);
   const bool pack = rows_alias_in_l1(K * int64_t(sizeof(T)));
+  std::vector<T> packed;  // only when some tile is copied: zeroing it is a pass of its own
+  if (pack || K % L) packed.resize(std::max<int64_t>(1, std::min(S, kReductionBlock)) * KR);
   for (int64_t k0 = 0; k0 < K; k0 += KR) {
     const int cols = int(std::min<int64_t>(KR, K - k0));
     const int nv = (cols + L - 1) / L;
@@ -325,7 +326,7 @@ KERNELS_INLINE void gemm_panels(const T* panels, int64_t S, const T* b, int64_t 
       const int64_t sc = std::min(kReductionBlock, S - s0);
       const T* tile = b + s0 * K + k0;
       int64_t ld = K;
-      if (pack || cols % L) {  // a ragged last tile is zero-padded to whole vectors
+      if (pack || cols % L) {
         for (int64_t s = 0; s < sc; ++s) {
           T* row = &packed[s * nv * L];
           std::memcpy(row, b + (s0 + s) * K + k0, cols * sizeof(T));
