@@ -1,4 +1,4 @@
-"""Backend choice and the input checks that every op shares.
+"""Backend choice, the input checks and the autograd plumbing that every op shares.
 
 The device of the input picks the backend: CUDA tensors go to the Triton kernels, CPU
 tensors to the C++ kernels in ``kernels._C``. ``KERNELS_BACKEND`` overrides the choice:
@@ -15,6 +15,7 @@ import os
 from types import ModuleType
 
 import torch
+from torch.autograd.function import once_differentiable
 
 BACKENDS = ("triton", "cpu", "torch")
 
@@ -138,3 +139,16 @@ def check_same(op: str, **tensors) -> None:
             raise ValueError(f"{op}: {n} is on {t.device} but {n0} is on {t0.device}")
         if t.dtype != t0.dtype:
             raise TypeError(f"{op}: {n} has dtype {t.dtype} but {n0} has dtype {t0.dtype}")
+
+
+def once_differentiable_backward(grads):
+    """The ``backward`` of an autograd.Function whose gradient ``grads(ctx, grad_output)`` cannot
+    be differentiated again: under create_graph=True (grad mode on during backward) it is wrapped
+    in torch's once_differentiable, which then fails a second differentiation with an error. The
+    wrapper costs a few microseconds per call, so a plain backward skips it."""
+    guarded = once_differentiable(grads)
+
+    def backward(ctx, grad_output):
+        return guarded(ctx, grad_output) if torch.is_grad_enabled() else grads(ctx, grad_output)
+
+    return staticmethod(backward)

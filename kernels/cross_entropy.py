@@ -22,9 +22,9 @@ import weakref
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from kernels._dispatch import backend_for, check_tensor, cpp, cpp_dtype, num_threads, triton_op
+from kernels._dispatch import (backend_for, check_tensor, cpp, cpp_dtype, num_threads, once_differentiable_backward,
+                               triton_op)
 
 _OP = "cross_entropy"
 _REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
@@ -109,6 +109,15 @@ class FusedCrossEntropyLoss(nn.CrossEntropyLoss):
         return f"inplace_backward={self.inplace_backward}" if self.inplace_backward else ""
 
 
+def _scaled_grad(ctx, grad_output):
+    grad = ctx.grad
+    if grad is None:
+        grad = _recomputed_grad(ctx)
+    ctx.grad = None
+    ctx.impl.scale_grad(grad, grad_output)
+    return grad, None, None, None, None
+
+
 class _FusedCrossEntropy(torch.autograd.Function):
     """Forward: loss and the reduction-scaled gradient in one kernel. Backward: that gradient
     times grad_output, in place."""
@@ -121,24 +130,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         ctx.grad, ctx.target, ctx.weight, ctx.options, ctx.impl = grad, target, weight, options, impl
         return loss
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        if torch.is_grad_enabled():  # create_graph=True: fail only if this gradient is differentiated again
-            return _scaled_grad_once_differentiable(ctx, grad_output)
-        return _scaled_grad(ctx, grad_output)
-
-
-def _scaled_grad(ctx, grad_output):
-    grad = ctx.grad
-    if grad is None:
-        grad = _recomputed_grad(ctx)
-    ctx.grad = None
-    ctx.impl.scale_grad(grad, grad_output)
-    return grad, None, None, None, None
-
-
-# once_differentiable costs a few microseconds per call, so only the create_graph path pays it.
-_scaled_grad_once_differentiable = once_differentiable(_scaled_grad)
+    backward = once_differentiable_backward(_scaled_grad)
 
 
 def _recomputed_grad(ctx) -> torch.Tensor:

@@ -22,10 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from kernels._dispatch import (SUPPORTED_DTYPES, backend_for, check_same, check_tensor, cpp, cpp_dtype, num_threads,
-                               triton_op)
+                               once_differentiable_backward, triton_op)
 
 _OP = "linear"
 ACTIVATIONS = ("relu", "none", "sigmoid", "tanh")
@@ -175,6 +174,13 @@ def _(dy, x, weight, y, activation, backend, need_x, need_weight, need_bias):
             x.new_empty(weight.shape[0] if need_bias else 0))
 
 
+def _linear_grads(ctx, dy):
+    x, weight, y = ctx.saved_tensors
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    dx, dw, db = _backward(dy, x, weight, y, ctx.activation, ctx.backend, need_x, need_weight, need_bias)
+    return dx, dw, db, None, None
+
+
 class _LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, activation, backend):
@@ -183,22 +189,7 @@ class _LinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, None if activation == "none" else y)
         return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        if torch.is_grad_enabled():  # create_graph=True: fail only if this gradient is differentiated again
-            return _linear_grads_once_differentiable(ctx, dy)
-        return _linear_grads(ctx, dy)
-
-
-def _linear_grads(ctx, dy):
-    x, weight, y = ctx.saved_tensors
-    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-    dx, dw, db = _backward(dy, x, weight, y, ctx.activation, ctx.backend, need_x, need_weight, need_bias)
-    return dx, dw, db, None, None
-
-
-# once_differentiable costs a few microseconds per call, so only the create_graph path pays it.
-_linear_grads_once_differentiable = once_differentiable(_linear_grads)
+    backward = once_differentiable_backward(_linear_grads)
 
 
 class FusedLinear(nn.Module):
