@@ -430,7 +430,7 @@ class FusedAdam(torch.optim.Optimizer):
 
     def _plan(self, index: int, group: dict) -> _GroupPlan:
         _check_hyperparameters(group)
-        plan = _PLANS[backend_for(group["params"][0].device)](self, index, group)
+        plan = _PLANS[backend_for(group["params"][0])](self, index, group)
         self._plans.extend([None] * (index + 1 - len(self._plans)))
         self._plans[index] = plan
         return plan

@@ -60,7 +60,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     weight of another dtype; ValueError for shapes (N vs target, weight of length other than C),
     devices, an unknown reduction, label_smoothing outside [0, 1].
     """
-    backend = backend_for(logits.device) if isinstance(logits, torch.Tensor) else None
+    backend = backend_for(logits) if isinstance(logits, torch.Tensor) else None
     check_tensor(_OP, "logits", logits, backend=backend, dim=(1, 2))
     source, unbatched = logits, logits.dim() == 1
     if unbatched:
@@ -207,7 +207,7 @@ class _Cpp:
         N, C = logits.shape
         if target.dtype != torch.int64 or not target.is_contiguous():
             target = target.to(torch.int64, memory_format=torch.contiguous_format)
-        loss = logits.new_empty((N,) if reduction == 0 else ())
+        loss = logits.new_empty(N) if reduction == 0 else logits.new_empty(size=())  # the fastest spellings
         bad_row = cpp().cross_entropy_forward(
             cpp_dtype(logits), logits.data_ptr(), target.data_ptr(), 0 if weight is None else weight.data_ptr(),
             loss.data_ptr(), 0 if grad is None else grad.data_ptr(), N, C, ignore_index, label_smoothing,

@@ -66,7 +66,7 @@ def _check(x, weight, bias, activation) -> str:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{_OP}: input must be a torch.Tensor, got {type(x).__name__}")
     device, dtype = x.device, x.dtype
-    backend = backend_for(device)
+    backend = backend_for(x)
     # The common case in a few comparisons (this runs on every call of every layer); anything
     # unusual goes through the full checks below, which name the problem.
     if (isinstance(weight, torch.Tensor) and weight.dtype == dtype and weight.device == device
@@ -100,7 +100,7 @@ def _check(x, weight, bias, activation) -> str:
 def _cpu_forward(x, weight, bias, activation):
     M, K = x.shape
     N = weight.shape[0]
-    y = x.new_empty((M, N))
+    y = x.new_empty(M, N)  # sizes as separate ints: a tuple costs 0.4 us more to parse
     cpp().linear_forward(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
                          M, N, K, activation, cpp_dtype(x), num_threads())
     return y
@@ -114,9 +114,9 @@ def _cpu_backward(dy, x, weight, y, activation, need_x, need_weight, need_bias):
     M, K = x.shape
     N = weight.shape[0]
     dy = dy.contiguous()
-    dx = x.new_empty((M, K)) if need_x else None
-    dw = weight.new_empty((N, K)) if need_weight else None
-    db = weight.new_empty((N,)) if need_bias else None
+    dx = x.new_empty(M, K) if need_x else None
+    dw = weight.new_empty(N, K) if need_weight else None
+    db = weight.new_empty(N) if need_bias else None
     cpp().linear_backward(dy.data_ptr(), _address(y), x.data_ptr(), weight.data_ptr(), _address(dx), _address(dw),
                           _address(db), M, N, K, activation, cpp_dtype(x), num_threads())
     return dx, dw, db

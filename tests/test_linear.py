@@ -231,6 +231,28 @@ def test_torch_backend_is_the_reference(monkeypatch):
     torch.testing.assert_close(linear_reference(x, w, None, "none"), F.linear(x, w), rtol=0, atol=0)
 
 
+def test_backend_follows_the_environment_at_run_time(monkeypatch):
+    """KERNELS_BACKEND is read on every call (through a cache): setting, changing and removing it
+    takes effect at once, for a tensor or a device, and a bad value is named."""
+    x = torch.randn(2, 3)
+    monkeypatch.delenv("KERNELS_BACKEND", raising=False)
+    assert kernels.backend_for(x) == kernels.backend_for(x.device) == "cpu"
+    assert kernels.backend_for(torch.device("meta")) == kernels.backend_for(x.to("meta")) == "torch"
+    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    assert kernels.backend_for(x) == "torch"
+    monkeypatch.setenv("KERNELS_BACKEND", " Triton ")
+    if HAS_CUDA:  # conftest sets TRITON_INTERPRET=1 only without a GPU
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            kernels.backend_for(x)
+    else:
+        assert kernels.backend_for(x) == "triton"
+    monkeypatch.setenv("KERNELS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="KERNELS_BACKEND='cuda' is not one of triton, cpu, torch"):
+        kernels.linear(x, torch.randn(4, 3))
+    monkeypatch.delenv("KERNELS_BACKEND")
+    assert kernels.backend_for(x) == "cpu"
+
+
 # ---------------------------------------------------------------------------------------------
 # FusedLinear: an nn.Linear + activation drop-in.
 
