@@ -44,6 +44,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     ``inplace_backward=True`` writes the gradient over ``logits`` during the forward (no second
     (N, C) buffer): the logits' values are gone afterwards, so use it only when nothing else
     needs them (e.g. logits straight out of a Linear layer, which saves its input, not its output).
+    For leaf logits, ``.grad`` then lives in the logits' memory.
     A second backward through the same graph (retain_graph=True) recomputes the gradient from
     the logits if they still exist unchanged, and raises otherwise.
 
@@ -125,7 +126,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, options, impl):
         ignore_index, label_smoothing, reduction, inplace, source = options
-        grad = logits if inplace else torch.empty_like(logits)
+        # In place, the gradient is a new tensor over the logits' memory: handed back as the very
+        # tensor autograd got as input, a leaf's AccumulateGrad would copy it instead of keeping it.
+        grad = logits.detach() if inplace else torch.empty_like(logits)
         loss = impl.forward(logits, target, weight, ignore_index, label_smoothing, reduction, grad)
         ctx.grad, ctx.target, ctx.weight, ctx.options, ctx.impl = grad, target, weight, options, impl
         return loss

@@ -211,6 +211,19 @@ def test_inplace_backward(backend, C):
     torch.testing.assert_close(logits.detach().double(), x.grad, **TOL[dtype])
 
 
+def test_inplace_backward_on_a_leaf(backend):
+    """For leaf logits, inplace_backward leaves the gradient in the logits' own memory: .grad is
+    right and is no copy (a copy would be the second (N, C) buffer the option exists to avoid)."""
+    dtype = _dtype(backend)
+    logits, target = _inputs(8, 300, backend.device, dtype)
+    x = logits.clone().requires_grad_()
+    F.cross_entropy(x, target).backward()
+    leaf = logits.clone().requires_grad_()
+    kernels.cross_entropy(leaf, target, inplace_backward=True).backward()
+    assert leaf.grad.data_ptr() == leaf.data_ptr()
+    torch.testing.assert_close(leaf.grad, x.grad, **TOL[dtype])
+
+
 def test_retain_graph(backend):
     """A second backward through the same graph recomputes the gradient from the logits; it
     raises once they are gone or were overwritten by inplace_backward."""
