@@ -11,6 +11,13 @@
 //   p  = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 // The bias corrections are computed in double from each tensor's step, like PyTorch does.
 //
+// Subnormals are flushed to zero (FlushSubnormals). The moments of a parameter whose gradient
+// stays zero decay geometrically into the subnormal range, where each step would cost ~15x
+// more on x86 (measured: 25 us -> 400 us for the MNIST layer's 100k states); training the MNIST
+// MLP puts about 4 % of them there. The only difference it makes: a first moment below ~1e-37
+// stops decaying instead of reaching 0 through subnormals, and the parameter change it then
+// causes (lr * m / eps, below 1e-32) is far below any parameter's rounding step.
+//
 // The group arrives as a table of int64 rows (built once per group by kernels/adam.py), one
 // row per tensor: addresses of param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (0 without
 // amsgrad) and step (a float32 scalar), then numel. The elements of all the tensors are
@@ -131,6 +138,7 @@ void adam_group(const int64_t* table, int64_t rows, const Options& o, int num_th
   }
   const int64_t total = offsets[rows];
   parallel_for(total, threads_for(total, num_threads, kMinWorkPerThread), [&](int64_t begin, int64_t end) {
+    const FlushSubnormals flush;
     int64_t r = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
     for (; r < rows && offsets[r] < end; ++r) {
       const int64_t lo = std::max(begin, offsets[r]) - offsets[r];

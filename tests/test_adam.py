@@ -95,6 +95,34 @@ def test_every_cpu_isa(cpu_isa, option):
                 train(lambda p: torch_cls(p, lr=LR, **kwargs), init, grads))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_moments_decaying_into_subnormals(backend, dtype):
+    """Gradients of exactly zero make the first moments decay by beta1 per step, from 10x the
+    smallest normal number into the subnormal range, which the C++ step flushes to zero for
+    speed: parameters and moments still match torch.optim.Adam to within that range, and the
+    caller's thread does not inherit the flushing."""
+    tiny = torch.finfo(dtype).tiny
+    init, grads = make_problem(backend.device, shapes=[(40,), (7, 3)], steps=2, dtype=dtype)
+    runs = []
+    for make_opt in (lambda ps: FusedAdam(ps, lr=LR), lambda ps: torch.optim.Adam(ps, lr=LR)):
+        params, opt = train(make_opt, init, grads)
+        for p in params:
+            opt.state[p]["exp_avg"].copy_(10 * tiny * torch.sign(opt.state[p]["exp_avg"]))
+            p.grad = torch.zeros_like(p)
+        for _ in range(40):  # 10 * 0.9^40 = 0.15: torch's moments end up subnormal
+            opt.step()
+        runs.append((params, opt))
+    (params, ours), (reference, theirs) = runs
+    assert all(((m != 0) & (m.abs() < tiny)).all() for m in (theirs.state[p]["exp_avg"] for p in reference))
+    for p, q in zip(params, reference):
+        exact = dtype == torch.float64  # float32 differs by rounding, as in every test here
+        torch.testing.assert_close(p.detach(), q.detach(), atol=0 if exact else 1e-6, rtol=1e-12 if exact else 1e-5)
+        torch.testing.assert_close(ours.state[p]["exp_avg"], theirs.state[q]["exp_avg"], atol=10 * tiny, rtol=0)
+        torch.testing.assert_close(ours.state[p]["exp_avg_sq"], theirs.state[q]["exp_avg_sq"], atol=0, rtol=1e-5)
+    x = torch.full((64,), tiny / 4, dtype=dtype)
+    assert (x * 2 != 0).all() and (x.sum() != 0)
+
+
 def test_float64_and_mixed_dtypes_in_one_group(backend):
     """float64 to 1e-12; a group mixing float32 and float64 takes one launch per dtype."""
     init, grads = make_problem(backend.device, dtype=torch.float64, steps=20)
