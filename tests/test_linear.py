@@ -1,6 +1,10 @@
 """kernels.linear / kernels.FusedLinear against nn.Linear followed by the activation, on every
 backend: the C++ kernels, and Triton (interpreted on CPU tensors, compiled on a GPU)."""
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -356,6 +360,77 @@ def test_device_mismatch():
     if HAS_CUDA:
         with pytest.raises(ValueError, match="bias is on cuda:0 but input is on cpu"):
             kernels.linear(x, w, b.cuda())
+
+
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_tma_forward_kernel(activation, bias):
+    """The persistent TMA forward (large bf16/fp16 layers on Hopper), launched directly: ragged
+    M, N and K (partial tiles), more tiles than programs, and on the CPU through the
+    interpreter; fp32 and fp16 there (the interpreter has no bf16), bf16 and fp16 on a GPU."""
+    from kernels.triton.linear import _TMA_CONFIGS, _tma_ready, forward_tma
+
+    block = _TMA_CONFIGS[0].kwargs
+    M, K, N = block["BLOCK_M"] + 8, 2 * block["BLOCK_K"] + 24, block["BLOCK_N"] + 16  # 2x2 tiles, 3 k-steps
+    device = "cuda" if HAS_CUDA else "cpu"
+    for dtype in (torch.bfloat16, torch.float16) if HAS_CUDA else (torch.float32, torch.float16):
+        x, w, b = make(M, K, N, device=device, dtype=dtype, bias=bias)
+        y = torch.full((M, N), float("nan"), device=device, dtype=dtype)
+        assert _tma_ready(x) and _tma_ready(w) and _tma_ready(y)
+        forward_tma(x, w, b, activation, y, num_programs=None if HAS_CUDA else 3)
+        want = linear_reference(x.double(), w.double(), None if b is None else b.double(), activation)
+        error = (y.double() - want).norm() / want.norm()
+        assert error < (1e-6 if dtype == torch.float32 else 1e-2), f"{dtype}: relative error {error:.2e}"
+
+
+_COMPILE_FOR_HOPPER = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.triton.linear import _TMA_CONFIGS, _linear_forward_tma_kernel
+
+for cfg in _TMA_CONFIGS:
+    bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    signature = {"x_desc": f"tensordesc<bf16[{bm}, {bk}]>", "w_desc": f"tensordesc<bf16[{bn}, {bk}]>",
+                 "y_desc": f"tensordesc<bf16[{bm}, {bn}]>", "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"}
+    constants = dict(cfg.kwargs, ACTIVATION="relu", HAS_BIAS=True, NUM_PROGRAMS=132)
+    signature.update({name: "constexpr" for name in constants})
+    compiled = triton.compile(ASTSource(_linear_forward_tma_kernel, signature, constants),
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    ptx = compiled.asm["ptx"]
+    print(json.dumps({"config": str(cfg), "shared": compiled.metadata.shared,
+                      "tma": "cp.async.bulk.tensor" in ptx, "wgmma": "wgmma.mma_async" in ptx}))
+"""
+
+
+def test_tma_forward_compiles_for_hopper():
+    """Every autotuner config of the TMA forward compiles for sm_90 with the installed Triton (its
+    bundled ptxas needs no GPU), fits the 227 KB of shared memory a Hopper block can take, and
+    uses what the kernel is for: the tensor copy engine and warpgroup matrix instructions. In a
+    child process, because the tests' Triton runs in interpreter mode."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from kernels.triton.linear import _TMA_CONFIGS
+
+    reports = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(reports) == len(_TMA_CONFIGS)
+    for r in reports:
+        assert r["shared"] <= 227 * 1024 and r["tma"] and r["wgmma"], r
+
+
+def test_tma_needs_aligned_unit_stride_rows():
+    """Inputs a TMA descriptor cannot describe take the generic kernel."""
+    from kernels.triton.linear import _tma_ready
+
+    x = torch.randn(16, 40, dtype=torch.float16)
+    assert _tma_ready(x)
+    assert not _tma_ready(x[:, 1:])  # start not 16-byte aligned... and rows of 39
+    assert not _tma_ready(torch.randn(16, 41, dtype=torch.float16))  # 82-byte rows
+    assert not _tma_ready(x.t())  # stride 40 along the rows
+    assert not _tma_ready(x[:0])
 
 
 # ---------------------------------------------------------------------------------------------

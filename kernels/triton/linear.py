@@ -15,12 +15,22 @@ given by strides: the transposes (W^T, dz^T) and non-contiguous inputs cost no c
 Matmul precision follows PyTorch: fp32 inputs use full-precision ``ieee`` dots unless the user
 allowed TF32 (``kernels.triton.utils.dot_precision``); bf16/fp16 use the tensor cores and
 accumulate in fp32 (fp64, for the interpreter's tests, accumulates in fp64).
+
+Large bf16/fp16 forwards on Hopper and later (compute capability 9+) take a second kernel that
+uses the chip's tensor copy engine: x, W and y are read and written through TMA descriptors (tiles
+move between global and shared memory without the threads, and partial tiles are zero-filled or
+clipped by the hardware), and the grid is persistent, one program per multiprocessor walking the
+output tiles in the same grouped order. It needs what TMA needs: unit stride along K and
+16-byte-aligned rows; anything else takes the generic kernel.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.triton.utils import accumulator, autotune, dot_precision
 
@@ -80,6 +90,19 @@ def _activation_grad(dy, y, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(row block, column block) of output tile number ``tile`` in grouped order: GROUP_M row
+    blocks take each column block in turn, so the tiles that share a block of B run together
+    while it is in L2."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = tile // num_pid_in_group * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile % num_pid_in_group) % group_size_m
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def _fused_matmul_kernel(
     a_ptr, y_ptr, b_ptr, c_ptr, bias_ptr, row_sum_ptr,
     M, N, K,
@@ -96,14 +119,7 @@ def _fused_matmul_kernel(
     """C (M, N) = act(A' @ B + bias) with A' = prologue(A) (M, K), B (K, N), fp32/fp64 accumulation."""
     pid = tl.program_id(0)
     if STORE_C:
-        # Grouped ordering: GROUP_M row blocks share each column block of B while it is in L2.
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        first_pid_m = pid // num_pid_in_group * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-        pid_n = (pid % num_pid_in_group) // group_size_m
+        pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     else:
         pid_m = pid
         pid_n = 0
@@ -172,12 +188,106 @@ def _matmul(a, a_strides, b, b_strides, c, M, N, K, *, y=None, y_strides=(0, 0),
         _fused_matmul_tuned[grid](*args, **meta)
 
 
+@triton.jit
+def _linear_forward_tma_kernel(
+    x_desc, w_desc, y_desc, bias_ptr, M, N, K,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y (M, N) = act(x (M, K) @ W (N, K)^T + bias): NUM_PROGRAMS programs share the output tiles
+    round-robin; every tile of x, W and y moves through its TMA descriptor."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    # flatten: the compiler pipelines the loads of the next tile under the current one's epilogue.
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            b = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc)
+        if HAS_BIAS:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc = _activate(acc, ACTIVATION)
+        y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
+
+
+def _set_tma_blocks(nargs):
+    """The autotuner's pre-hook: each config's tile shapes go into the descriptors."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["x_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["y_desc"].block_shape = [bm, bn]
+
+
+def _tma_config(bm, bn, bk, stages, warps):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages,
+                         num_warps=warps, pre_hook=_set_tma_blocks)
+
+
+# bf16/fp16 tiles for Hopper's 228 KB of shared memory: the pipeline's stages of x and W tiles
+# plus one y tile for the TMA store (128x256 with 3 stages takes 213 KB).
+_TMA_CONFIGS = [
+    _tma_config(128, 256, 64, 3, 8),
+    _tma_config(128, 128, 64, 4, 8),
+    _tma_config(128, 128, 64, 5, 4),
+    _tma_config(256, 128, 64, 3, 8),
+    _tma_config(64, 256, 64, 4, 4),
+    _tma_config(128, 128, 128, 3, 8),
+]
+_linear_forward_tma_tuned = autotune(_TMA_CONFIGS, key=["M", "N", "K", "HAS_BIAS"])(_linear_forward_tma_kernel)
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """What a TMA descriptor of a 2-D tensor needs: unit stride along the rows, 16-byte
+    aligned start and row stride."""
+    return (t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+            and t.shape[0] > 0 and t.shape[1] > 0)
+
+
+@functools.cache
+def _device_properties(device: torch.device):
+    return torch.cuda.get_device_properties(device)
+
+
+def _use_tma(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> bool:
+    M, K = x.shape
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and M * y.shape[1] * K > _SMALL_PROBLEM
+            and _device_properties(x.device).major >= 9
+            and _tma_ready(x) and _tma_ready(weight) and _tma_ready(y))
+
+
+def forward_tma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str, y: torch.Tensor,
+                num_programs: int | None = None) -> torch.Tensor:
+    """y = act(x W^T + b) through the TMA kernel (``_tma_ready`` inputs and output); one program
+    per multiprocessor unless ``num_programs`` says otherwise (the interpreter's tests)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if num_programs is None:
+        num_programs = _device_properties(x.device).multi_processor_count
+    first = _TMA_CONFIGS[0].kwargs  # the block shapes the interpreter runs (the autotuner resets them)
+    descriptors = (TensorDescriptor.from_tensor(x, [first["BLOCK_M"], first["BLOCK_K"]]),
+                   TensorDescriptor.from_tensor(weight, [first["BLOCK_N"], first["BLOCK_K"]]),
+                   TensorDescriptor.from_tensor(y, [first["BLOCK_M"], first["BLOCK_N"]]))
+
+    def grid(meta):
+        return (min(num_programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+    _linear_forward_tma_tuned[grid](*descriptors, y if bias is None else bias, M, N, K, ACTIVATION=activation,
+                                    HAS_BIAS=bias is not None, NUM_PROGRAMS=num_programs)
+    return y
+
+
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """y = act(x W^T + b) for x (M, K) with any strides, weight (N, K), bias (N,) or None."""
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if M and N:
+    if M and N and K and _use_tma(x, weight, y):
+        forward_tma(x, weight, None if bias is None else bias.contiguous(), activation, y)
+    elif M and N:
         # B = W^T: element (k, n) is W[n, k].
         _matmul(x, x.stride(), weight, (weight.stride(1), weight.stride(0)), y, M, N, K,
                 bias=None if bias is None else bias.contiguous(), activation=activation)
