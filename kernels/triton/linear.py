@@ -189,37 +189,57 @@ def _matmul(a, a_strides, b, b_strides, c, M, N, K, *, y=None, y_strides=(0, 0),
 
 
 @triton.jit
-def _linear_forward_tma_kernel(
-    x_desc, w_desc, y_desc, bias_ptr, M, N, K,
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+def _fused_matmul_tma_kernel(
+    a_desc, y_desc, b_desc, c_desc, bias_ptr, row_sum_ptr, M, N, K,
+    A_TRANSPOSED: tl.constexpr,  # a_desc and y_desc describe A^T (K, M), not A (M, K)
+    B_TRANSPOSED: tl.constexpr,  # b_desc describes B^T (N, K), not B (K, N)
+    ACTIVATION: tl.constexpr, GRAD_OF: tl.constexpr, HAS_BIAS: tl.constexpr, ROW_SUM: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y (M, N) = act(x (M, K) @ W (N, K)^T + bias): NUM_PROGRAMS programs share the output tiles
-    round-robin; every tile of x, W and y moves through its TMA descriptor."""
+    """_fused_matmul_kernel's C = act(A' @ B + bias) and row sums of A', with every tile of A, Y,
+    B and C moved by TMA; NUM_PROGRAMS programs share the output tiles round-robin."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    # flatten: the compiler pipelines the loads of the next tile under the current one's epilogue.
+    # flatten: the compiler pipelines the loads of a program's next tile under this one's epilogue.
     for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
-            a = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
-            b = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
-            acc = tl.dot(a, b.T, acc)
+        row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for ki in range(tl.cdiv(K, BLOCK_K)):
+            k0 = ki * BLOCK_K
+            a = a_desc.load([k0, m0]).T if A_TRANSPOSED else a_desc.load([m0, k0])
+            if GRAD_OF != "none":
+                y = y_desc.load([k0, m0]).T if A_TRANSPOSED else y_desc.load([m0, k0])
+                a = _activation_grad(a.to(tl.float32), y.to(tl.float32), GRAD_OF).to(y.dtype)
+            if ROW_SUM:
+                row_sum += tl.sum(a.to(tl.float32), axis=1)
+            b = b_desc.load([n0, k0]).T if B_TRANSPOSED else b_desc.load([k0, n0])
+            acc = tl.dot(a, b, acc)
+        if ROW_SUM:
+            if pid_n == 0:
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                tl.store(row_sum_ptr + offs_m, row_sum.to(row_sum_ptr.dtype.element_ty), mask=offs_m < M)
         if HAS_BIAS:
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_n = n0 + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         acc = _activate(acc, ACTIVATION)
-        y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_desc.dtype))
+        c_desc.store([m0, n0], acc.to(c_desc.dtype))
+
+
+def _tma_blocks(meta) -> dict[str, list[int]]:
+    """The tile shape of each descriptor, for a config and the layout flags in ``meta``."""
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    a = [bk, bm] if meta["A_TRANSPOSED"] else [bm, bk]
+    return {"a_desc": a, "y_desc": a, "b_desc": [bn, bk] if meta["B_TRANSPOSED"] else [bk, bn], "c_desc": [bm, bn]}
 
 
 def _set_tma_blocks(nargs):
     """The autotuner's pre-hook: each config's tile shapes go into the descriptors."""
-    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    nargs["x_desc"].block_shape = [bm, bk]
-    nargs["w_desc"].block_shape = [bn, bk]
-    nargs["y_desc"].block_shape = [bm, bn]
+    for name, block in _tma_blocks(nargs).items():
+        nargs[name].block_shape = block
 
 
 def _tma_config(bm, bn, bk, stages, warps):
@@ -227,17 +247,32 @@ def _tma_config(bm, bn, bk, stages, warps):
                          num_warps=warps, pre_hook=_set_tma_blocks)
 
 
-# bf16/fp16 tiles for Hopper's 228 KB of shared memory: the pipeline's stages of x and W tiles
-# plus one y tile for the TMA store (128x256 with 3 stages takes 213 KB).
-_TMA_CONFIGS = [
-    _tma_config(128, 256, 64, 3, 8),
-    _tma_config(128, 128, 64, 4, 8),
-    _tma_config(128, 128, 64, 5, 4),
-    _tma_config(256, 128, 64, 3, 8),
-    _tma_config(64, 256, 64, 4, 4),
-    _tma_config(128, 128, 128, 3, 8),
-]
-_linear_forward_tma_tuned = autotune(_TMA_CONFIGS, key=["M", "N", "K", "HAS_BIAS"])(_linear_forward_tma_kernel)
+# bf16/fp16 tiles for Hopper's 227 KB of shared memory per block: the pipeline's stages of A and
+# B tiles plus one C tile for the TMA store (128x256 with 3 stages takes 213 KB). With a prologue
+# (GRAD_OF) each stage also holds a tile of Y, so those configs have fewer stages or smaller tiles.
+_TMA_CONFIGS = {
+    False: [
+        _tma_config(128, 256, 64, 3, 8),
+        _tma_config(128, 128, 64, 4, 8),
+        _tma_config(128, 128, 64, 5, 4),
+        _tma_config(256, 128, 64, 3, 8),
+        _tma_config(64, 256, 64, 4, 4),
+        _tma_config(128, 128, 128, 3, 8),
+    ],
+    True: [
+        _tma_config(128, 256, 32, 4, 8),
+        _tma_config(128, 128, 64, 4, 8),
+        _tma_config(128, 128, 64, 3, 8),
+        _tma_config(256, 128, 32, 3, 8),
+        _tma_config(64, 256, 64, 4, 4),
+        _tma_config(128, 128, 128, 2, 8),
+    ],
+}
+_fused_matmul_tma_tuned = {
+    with_y: autotune(configs, key=["M", "N", "K", "A_TRANSPOSED", "B_TRANSPOSED", "GRAD_OF", "ROW_SUM"])(
+        _fused_matmul_tma_kernel)
+    for with_y, configs in _TMA_CONFIGS.items()
+}
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
@@ -252,32 +287,37 @@ def _device_properties(device: torch.device):
     return torch.cuda.get_device_properties(device)
 
 
-def _use_tma(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> bool:
-    M, K = x.shape
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and M * y.shape[1] * K > _SMALL_PROBLEM
-            and _device_properties(x.device).major >= 9
-            and _tma_ready(x) and _tma_ready(weight) and _tma_ready(y))
+def _use_tma(c: torch.Tensor, K: int, *operands: torch.Tensor | None) -> bool:
+    """Whether the GEMM writing ``c`` over a reduction of K, reading ``operands``, takes the TMA
+    kernel: bf16/fp16 on Hopper or later, large enough, every tensor TMA-ready."""
+    return (c.is_cuda and c.dtype in (torch.bfloat16, torch.float16) and c.numel() * K > _SMALL_PROBLEM
+            and _device_properties(c.device).major >= 9
+            and all(t is None or _tma_ready(t) for t in (c, *operands)))
 
 
-def forward_tma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str, y: torch.Tensor,
-                num_programs: int | None = None) -> torch.Tensor:
-    """y = act(x W^T + b) through the TMA kernel (``_tma_ready`` inputs and output); one program
-    per multiprocessor unless ``num_programs`` says otherwise (the interpreter's tests)."""
-    M, K = x.shape
-    N = weight.shape[0]
+def matmul_tma(a, b, c, M, N, K, *, a_transposed=False, b_transposed=False, y=None, bias=None, row_sum=None,
+               activation="none", grad_of="none", num_programs=None):
+    """C (M, N) = act(A' @ B + bias), A' = A * act'(Y) for ``grad_of``, and the row sums of A'
+    into ``row_sum``, through the TMA kernel. a (and y) hold A (M, K), or A^T (K, M) with
+    ``a_transposed``; b holds B (K, N), or B^T (N, K) with ``b_transposed``; all are TMA-ready.
+    One program per multiprocessor unless ``num_programs`` says otherwise (the interpreter's tests)."""
     if num_programs is None:
-        num_programs = _device_properties(x.device).multi_processor_count
-    first = _TMA_CONFIGS[0].kwargs  # the block shapes the interpreter runs (the autotuner resets them)
-    descriptors = (TensorDescriptor.from_tensor(x, [first["BLOCK_M"], first["BLOCK_K"]]),
-                   TensorDescriptor.from_tensor(weight, [first["BLOCK_N"], first["BLOCK_K"]]),
-                   TensorDescriptor.from_tensor(y, [first["BLOCK_M"], first["BLOCK_N"]]))
+        num_programs = _device_properties(c.device).multi_processor_count
+    layout = dict(A_TRANSPOSED=a_transposed, B_TRANSPOSED=b_transposed)
+    with_y = grad_of != "none"
+    # Descriptors start with the first config's tiles, the one the interpreter runs; on a GPU
+    # the autotuner's pre-hook sets each config's own.
+    blocks = _tma_blocks({**_TMA_CONFIGS[with_y][0].kwargs, **layout})
+    descriptors = [TensorDescriptor.from_tensor(t, blocks[name])
+                   for name, t in (("a_desc", a), ("y_desc", a if y is None else y), ("b_desc", b), ("c_desc", c))]
 
     def grid(meta):
         return (min(num_programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
-    _linear_forward_tma_tuned[grid](*descriptors, y if bias is None else bias, M, N, K, ACTIVATION=activation,
-                                    HAS_BIAS=bias is not None, NUM_PROGRAMS=num_programs)
-    return y
+    _fused_matmul_tma_tuned[with_y][grid](
+        *descriptors, c if bias is None else bias, c if row_sum is None else row_sum, M, N, K, **layout,
+        ACTIVATION=activation, GRAD_OF=grad_of, HAS_BIAS=bias is not None, ROW_SUM=row_sum is not None,
+        NUM_PROGRAMS=num_programs)
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
@@ -285,12 +325,13 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ac
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if M and N and K and _use_tma(x, weight, y):
-        forward_tma(x, weight, None if bias is None else bias.contiguous(), activation, y)
+    bias = None if bias is None else bias.contiguous()
+    if M and N and K and _use_tma(y, K, x, weight):
+        matmul_tma(x, weight, y, M, N, K, b_transposed=True, bias=bias, activation=activation)
     elif M and N:
         # B = W^T: element (k, n) is W[n, k].
-        _matmul(x, x.stride(), weight, (weight.stride(1), weight.stride(0)), y, M, N, K,
-                bias=None if bias is None else bias.contiguous(), activation=activation)
+        _matmul(x, x.stride(), weight, (weight.stride(1), weight.stride(0)), y, M, N, K, bias=bias,
+                activation=activation)
     return y
 
 
@@ -303,14 +344,19 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: torch.T
     dx = dw = db = None
     if need_x:
         dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
-        if M and K:
+        if M and K and N and _use_tma(dx, N, dy, weight, y):
+            matmul_tma(dy, weight, dx, M, K, N, y=y, grad_of=activation)
+        elif M and K:
             _matmul(dy, dy.stride(), weight, weight.stride(), dx, M, K, N, y=y, y_strides=y_strides,
                     grad_of=activation)
     if need_weight or need_bias:
         dw = torch.empty((N, K), device=x.device, dtype=x.dtype) if need_weight else None
         db = torch.empty((N,), device=x.device, dtype=x.dtype) if need_bias else None
         store_c = need_weight and K > 0
-        if N and (store_c or need_bias):
+        if store_c and M and N and _use_tma(dw, M, dy, x, y):
+            # A = dz^T: dy and y as stored are A^T.
+            matmul_tma(dy, x, dw, N, K, M, a_transposed=True, y=y, row_sum=db, grad_of=activation)
+        elif N and (store_c or need_bias):
             # A = dz^T (N, M): element (n, m) is dz[m, n]; B = x (M, K).
             _matmul(dy, dy.stride()[::-1], x, x.stride(), dw if store_c else None, N, K, M,
                     y=y, y_strides=y_strides[::-1], row_sum=db, grad_of=activation, store_c=store_c)
