@@ -35,9 +35,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels.triton.utils import accumulator, autotune, dot_precision
 
 
-def _config(bm, bn, bk, stages, warps, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-                         num_stages=stages, num_warps=warps)
+def _config(bm, bn, bk, stages, warps, pre_hook=None):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_stages=stages, num_warps=warps, pre_hook=pre_hook)
 
 
 # H100 tiles: large bf16/fp16 tiles for big GEMMs, mid tiles for fp32 and mid shapes, small-M
@@ -243,8 +243,7 @@ def _set_tma_blocks(nargs):
 
 
 def _tma_config(bm, bn, bk, stages, warps):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages,
-                         num_warps=warps, pre_hook=_set_tma_blocks)
+    return _config(bm, bn, bk, stages, warps, pre_hook=_set_tma_blocks)
 
 
 # bf16/fp16 tiles for Hopper's 227 KB of shared memory per block: the pipeline's stages of A and
