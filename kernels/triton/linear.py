@@ -16,12 +16,13 @@ Matmul precision follows PyTorch: fp32 inputs use full-precision ``ieee`` dots u
 allowed TF32 (``kernels.triton.utils.dot_precision``); bf16/fp16 use the tensor cores and
 accumulate in fp32 (fp64, for the interpreter's tests, accumulates in fp64).
 
-Large bf16/fp16 forwards on Hopper and later (compute capability 9+) take a second kernel that
-uses the chip's tensor copy engine: x, W and y are read and written through TMA descriptors (tiles
-move between global and shared memory without the threads, and partial tiles are zero-filled or
-clipped by the hardware), and the grid is persistent, one program per multiprocessor walking the
-output tiles in the same grouped order. It needs what TMA needs: unit stride along K and
-16-byte-aligned rows; anything else takes the generic kernel.
+Large bf16/fp16 layers on Hopper and later (compute capability 9+) run the same three GEMMs on a
+second form of that kernel, built for the chip's tensor copy engine: every tile of A, Y, B and C
+moves through a TMA descriptor (between global and shared memory without the threads; partial
+tiles are zero-filled or clipped by the hardware), a transposed operand is read as stored and
+transposed on chip, and the grid is persistent, one program per multiprocessor walking the output
+tiles in the same grouped order. It takes what TMA takes: rows of unit stride, 16-byte-aligned
+starts and row strides; anything else runs on the generic kernel.
 """
 from __future__ import annotations
 
