@@ -1,10 +1,6 @@
 """kernels.linear / kernels.FusedLinear against nn.Linear followed by the activation, on every
 backend: the C++ kernels, and Triton (interpreted on CPU tensors, compiled on a GPU)."""
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -410,59 +406,6 @@ def test_tma_kernel(gemm, activation):
         for g, ref in zip(got, want):
             error = (g.double() - ref).norm() / ref.norm()
             assert error < (1e-6 if dtype == torch.float32 else 1e-2), f"{dtype}: relative error {error:.2e}"
-
-
-_COMPILE_FOR_HOPPER = """
-import json, os, re, subprocess, tempfile, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from kernels.triton.linear import _TMA_CONFIGS, _fused_matmul_tma_kernel, _tma_blocks
-
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-GEMMS = {"forward": dict(B_TRANSPOSED=True, ACTIVATION="relu", HAS_BIAS=True),
-         "grad_input": dict(GRAD_OF="relu"),
-         "grad_weight": dict(A_TRANSPOSED=True, GRAD_OF="relu", ROW_SUM=True)}
-for gemm, flags in GEMMS.items():
-    for cfg in _TMA_CONFIGS["GRAD_OF" in flags]:
-        constants = dict(A_TRANSPOSED=False, B_TRANSPOSED=False, ACTIVATION="none", GRAD_OF="none", HAS_BIAS=False,
-                         ROW_SUM=False, NUM_PROGRAMS=132, **cfg.kwargs)
-        constants.update(flags)
-        signature = {name: f"tensordesc<bf16[{', '.join(map(str, block))}]>"
-                     for name, block in _tma_blocks(constants).items()}
-        signature = {"a_desc": signature["a_desc"], "y_desc": signature["y_desc"], "b_desc": signature["b_desc"],
-                     "c_desc": signature["c_desc"], "bias_ptr": "*bf16", "row_sum_ptr": "*bf16",
-                     "M": "i32", "N": "i32", "K": "i32", **{name: "constexpr" for name in constants}}
-        compiled = triton.compile(ASTSource(_fused_matmul_tma_kernel, signature, constants),
-                                  target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-        ptx = compiled.asm["ptx"]
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:  # ptxas -v reports the spills
-            f.write(ptx)
-            f.flush()
-            report = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
-                                    capture_output=True, text=True, check=True).stderr
-        spills = sum(int(n) for n in re.findall(r"(\\d+) bytes spill", report))
-        print(json.dumps({"gemm": gemm, "config": str(cfg), "shared": compiled.metadata.shared, "spills": spills,
-                          "tma": "cp.async.bulk.tensor" in ptx, "wgmma": "wgmma.mma_async" in ptx}))
-"""
-
-
-def test_tma_kernel_compiles_for_hopper():
-    """Each of the three GEMMs in every autotuner config of the TMA kernel compiles for sm_90 with
-    the installed Triton (its bundled ptxas needs no GPU), fits the 227 KB of shared memory a
-    Hopper block can take without spilling registers, and uses what the kernel is for: the
-    tensor copy engine and warpgroup matrix instructions. In a child process: the tests' Triton
-    runs interpreted."""
-    from kernels.triton.linear import _TMA_CONFIGS
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    reports = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(reports) == len(_TMA_CONFIGS[False]) + 2 * len(_TMA_CONFIGS[True])
-    for r in reports:
-        assert r["shared"] <= 227 * 1024 and r["spills"] == 0 and r["tma"] and r["wgmma"], r
 
 
 def test_tma_needs_aligned_unit_stride_rows():
