@@ -103,8 +103,8 @@ def linear_variants():
         return name, linear._fused_matmul_kernel, args, constants, config.num_warps, config.num_stages
 
     forward = dict(ACTIVATION="relu", HAS_BIAS=True)
-    for dtype in (torch.bfloat16, torch.float32):
-        for config in linear._CONFIGS:
+    for dtype, bits in ((torch.bfloat16, 16), (torch.float32, 32)):
+        for config in linear._CONFIGS[bits]:
             yield generic(dtype, 4096, 4096, 4096, forward, config)
     small = dict(linear._SMALL_CONFIG)
     small_config = triton.Config({k: small.pop(k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}, **small)

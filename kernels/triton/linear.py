@@ -41,21 +41,40 @@ def _config(bm, bn, bk, stages, warps, pre_hook=None):
                          num_stages=stages, num_warps=warps, pre_hook=pre_hook)
 
 
-# H100 tiles: 128x128 for large GEMMs (the largest bf16/fp16 ones take the TMA kernel), mid tiles
-# for fp32 and mid shapes, small-M tiles for batch-64 layers. Tiles that spill registers for bf16
-# with Triton 3.6 or 3.8, or do not fit in shared memory for fp32, on sm_90 (see
-# tests/hopper_compile.py) are left out. The interpreter runs the first config only.
-_CONFIGS = [
-    _config(128, 128, 64, 3, 8),
-    _config(128, 128, 32, 4, 4),
-    _config(64, 128, 64, 4, 4),
-    _config(64, 64, 64, 4, 4),
-    _config(64, 64, 32, 5, 2),
-    _config(32, 64, 64, 4, 4),
-    _config(32, 128, 64, 4, 4),
-    _config(16, 64, 128, 3, 4),
-    _config(16, 128, 64, 4, 4),
-]
+# H100 tiles, by operand width. 16-bit: large tiles for big GEMMs (those TMA cannot take), mid
+# tiles for mid shapes, small-M tiles for batch-64 layers. 32-bit (fp32, and fp64 under the
+# interpreter): the tiles that fit in shared memory and keep their fp32 operands in registers
+# without spilling kilobytes (tests/hopper_compile.py). The interpreter runs the first config.
+_CONFIGS = {
+    16: [
+        _config(128, 128, 64, 4, 4),
+        _config(128, 256, 64, 3, 8),
+        _config(128, 256, 64, 4, 8),
+        _config(256, 128, 64, 3, 8),
+        _config(256, 128, 64, 4, 8),
+        _config(128, 128, 64, 3, 8),
+        _config(128, 128, 32, 4, 4),
+        _config(128, 64, 64, 4, 4),
+        _config(64, 128, 64, 4, 4),
+        _config(64, 64, 64, 4, 4),
+        _config(64, 64, 32, 5, 2),
+        _config(32, 64, 64, 4, 4),
+        _config(32, 128, 64, 4, 4),
+        _config(16, 64, 128, 3, 4),
+        _config(16, 128, 64, 4, 4),
+    ],
+    32: [
+        _config(128, 128, 64, 3, 8),
+        _config(128, 64, 64, 4, 4),
+        _config(64, 128, 64, 4, 4),
+        _config(64, 64, 64, 4, 4),
+        _config(64, 64, 32, 5, 2),
+        _config(32, 64, 64, 4, 4),
+        _config(32, 128, 64, 4, 4),
+        _config(16, 64, 128, 3, 4),
+        _config(16, 128, 64, 4, 4),
+    ],
+}
 
 # Problems up to this many multiply-adds skip the autotuner: at MNIST sizes its dispatch costs
 # more than the GEMM, and one small tile fits them all.
@@ -123,33 +142,31 @@ def _fused_matmul_kernel(
 
     # Rows and columns wrap around (modulo) instead of being masked: loads stay in bounds and
     # unmasked along M and N; the wrapped duplicates are never stored.
-    # The loop carries scalar base pointers and the tiles' offsets stay loop-invariant: carrying
-    # tiles of 64-bit pointers instead made the larger configs spill registers.
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     offs_k = tl.arange(0, BLOCK_K)
-    a_offs = offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    y_offs = offs_m[:, None] * stride_ym + offs_k[None, :] * stride_yk
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :] * stride_yk
     if STORE_C:
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-        b_offs = offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     row_sum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_in = offs_k < K - k * BLOCK_K
-        a = tl.load(a_ptr + a_offs, mask=k_in[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
         if GRAD_OF != "none":
-            y = tl.load(y_ptr + y_offs, mask=k_in[None, :], other=0.0)
+            y = tl.load(y_ptrs, mask=k_in[None, :], other=0.0)
             a = _activation_grad(a.to(ACC_DTYPE), y.to(ACC_DTYPE), GRAD_OF)
         if ROW_SUM:
             if pid_n == 0:
                 row_sum += tl.sum(a.to(ACC_DTYPE), axis=1)
         if STORE_C:
-            b = tl.load(b_ptr + b_offs, mask=k_in[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=k_in[:, None], other=0.0)
             acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-            b_ptr += BLOCK_K * stride_bk
-        a_ptr += BLOCK_K * stride_ak
-        y_ptr += BLOCK_K * stride_yk
+            b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += BLOCK_K * stride_ak
+        y_ptrs += BLOCK_K * stride_yk
 
     offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if ROW_SUM:
@@ -165,7 +182,10 @@ def _fused_matmul_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_cm[:, None] < M) & (offs_cn[None, :] < N))
 
 
-_fused_matmul_tuned = autotune(_CONFIGS, key=["M", "N", "K", "GRAD_OF", "ROW_SUM", "STORE_C"])(_fused_matmul_kernel)
+_fused_matmul_tuned = {
+    bits: autotune(configs, key=["M", "N", "K", "GRAD_OF", "ROW_SUM", "STORE_C"])(_fused_matmul_kernel)
+    for bits, configs in _CONFIGS.items()
+}
 
 
 def _matmul(a, a_strides, b, b_strides, c, M, N, K, *, y=None, y_strides=(0, 0), bias=None, row_sum=None,
@@ -184,7 +204,7 @@ def _matmul(a, a_strides, b, b_strides, c, M, N, K, *, y=None, y_strides=(0, 0),
         _fused_matmul_kernel[grid](*args, **meta, **_SMALL_CONFIG)
     else:
         grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * n_blocks(META["BLOCK_N"]),)  # noqa: E731
-        _fused_matmul_tuned[grid](*args, **meta)
+        _fused_matmul_tuned[16 if a.element_size() == 2 else 32][grid](*args, **meta)
 
 
 @triton.jit
