@@ -11,7 +11,8 @@ import torch
 
 # On a GPU the CUDA tests compile and run every kernel themselves; this check is for machines
 # without one (and its minute of compiling is better spent there on the device's tests).
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the CUDA tests compile the kernels")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="a GPU is present: the CUDA tests compile the kernels")
 
 SCRIPT = Path(__file__).with_name("hopper_compile.py")
 SHARED_MEMORY = 227 * 1024  # what one block may take on sm_90
