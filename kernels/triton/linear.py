@@ -41,40 +41,18 @@ def _config(bm, bn, bk, stages, warps, pre_hook=None):
                          num_stages=stages, num_warps=warps, pre_hook=pre_hook)
 
 
-# H100 tiles, by operand width. 16-bit: large tiles for big GEMMs (those TMA cannot take), mid
-# tiles for mid shapes, small-M tiles for batch-64 layers. 32-bit (fp32, and fp64 under the
-# interpreter): the tiles that fit in shared memory and keep their fp32 operands in registers
-# without spilling kilobytes (tests/hopper_compile.py). The interpreter runs the first config.
-_CONFIGS = {
-    16: [
-        _config(128, 128, 64, 4, 4),
-        _config(128, 256, 64, 3, 8),
-        _config(128, 256, 64, 4, 8),
-        _config(256, 128, 64, 3, 8),
-        _config(256, 128, 64, 4, 8),
-        _config(128, 128, 64, 3, 8),
-        _config(128, 128, 32, 4, 4),
-        _config(128, 64, 64, 4, 4),
-        _config(64, 128, 64, 4, 4),
-        _config(64, 64, 64, 4, 4),
-        _config(64, 64, 32, 5, 2),
-        _config(32, 64, 64, 4, 4),
-        _config(32, 128, 64, 4, 4),
-        _config(16, 64, 128, 3, 4),
-        _config(16, 128, 64, 4, 4),
-    ],
-    32: [
-        _config(128, 128, 64, 3, 8),
-        _config(128, 64, 64, 4, 4),
-        _config(64, 128, 64, 4, 4),
-        _config(64, 64, 64, 4, 4),
-        _config(64, 64, 32, 5, 2),
-        _config(32, 64, 64, 4, 4),
-        _config(32, 128, 64, 4, 4),
-        _config(16, 64, 128, 3, 4),
-        _config(16, 128, 64, 4, 4),
-    ],
-}
+# H100 tiles (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): large ones for big GEMMs (those TMA
+# cannot take), mid ones for mid shapes, small-M ones for batch-64 layers. fp32 (and fp64 under
+# the interpreter) leaves out those that overflow shared memory or spill kilobytes of fp32 operand
+# registers on sm_90 (tests/hopper_compile.py). The interpreter runs the first config.
+_TILES = [
+    (128, 128, 64, 4, 4), (128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8), (256, 128, 64, 4, 8),
+    (128, 128, 64, 3, 8), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+    (64, 64, 32, 5, 2), (32, 64, 64, 4, 4), (32, 128, 64, 4, 4), (16, 64, 128, 3, 4), (16, 128, 64, 4, 4),
+]
+_TOO_BIG_FOR_FP32 = {(128, 128, 64, 4, 4), (128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8),
+                     (256, 128, 64, 4, 8), (128, 128, 32, 4, 4)}
+_CONFIGS = {16: [_config(*t) for t in _TILES], 32: [_config(*t) for t in _TILES if t not in _TOO_BIG_FOR_FP32]}
 
 # Problems up to this many multiply-adds skip the autotuner: at MNIST sizes its dispatch costs
 # more than the GEMM, and one small tile fits them all.
@@ -268,24 +246,13 @@ def _tma_config(bm, bn, bk, stages, warps):
 # bf16/fp16 tiles for Hopper's 227 KB of shared memory per block: the pipeline's stages of A and
 # B tiles plus one C tile for the TMA store (128x256 with 3 stages takes 213 KB). With a prologue
 # (GRAD_OF) each stage also holds a tile of Y, so those configs have fewer stages or smaller tiles.
-_TMA_CONFIGS = {
-    False: [
-        _tma_config(128, 256, 64, 3, 8),
-        _tma_config(128, 128, 64, 4, 8),
-        _tma_config(128, 128, 64, 5, 4),
-        _tma_config(256, 128, 64, 3, 8),
-        _tma_config(64, 256, 64, 4, 4),
-        _tma_config(128, 128, 128, 3, 8),
-    ],
-    True: [
-        _tma_config(128, 256, 32, 4, 8),
-        _tma_config(128, 128, 64, 4, 8),
-        _tma_config(128, 128, 64, 3, 8),
-        _tma_config(256, 128, 32, 3, 8),
-        _tma_config(64, 256, 64, 4, 4),
-        _tma_config(128, 128, 128, 2, 8),
-    ],
+_TMA_TILES = {  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps), without and with a prologue
+    False: [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 5, 4), (256, 128, 64, 3, 8),
+            (64, 256, 64, 4, 4), (128, 128, 128, 3, 8)],
+    True: [(128, 256, 32, 4, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 8), (256, 128, 32, 3, 8),
+           (64, 256, 64, 4, 4), (128, 128, 128, 2, 8)],
 }
+_TMA_CONFIGS = {with_y: [_tma_config(*t) for t in tiles] for with_y, tiles in _TMA_TILES.items()}
 _fused_matmul_tma_tuned = {
     with_y: autotune(configs, key=["M", "N", "K", "A_TRANSPOSED", "B_TRANSPOSED", "GRAD_OF", "ROW_SUM"])(
         _fused_matmul_tma_kernel)
