@@ -141,6 +141,15 @@ def cross_entropy_variants():
             yield ("cross_entropy scale grad", cross_entropy._scale_grad_kernel,
                    dict(grad_ptr=logits, grad_output_ptr=loss, grad_output_stride=1, C=C),
                    dict(COMPUTE=tl.float32, BLOCK=cross_entropy.SCALE_BLOCK), 8, 3)
+        if C == 10:  # MNIST's batch: the one-program kernel
+            block_c = triton.next_power_of_2(C)
+            args = dict(logits_ptr=logits, target_ptr=target, weight_ptr=weight, loss_ptr=loss,
+                        ok_ptr=empty(1, dtype=torch.int32), grad_ptr=logits, N=N, C=C, ignore_index=-100)
+            for smoothing, weighted, reduction in ((0.0, False, 2), (0.1, True, 0)):
+                yield ("cross_entropy small batch", cross_entropy._small_cross_entropy_kernel, args,
+                       dict(LABEL_SMOOTHING=smoothing, HAS_WEIGHT=weighted, REDUCTION=reduction, COMPUTE_GRAD=True,
+                            COMPUTE=tl.float32, BLOCK_N=min(N, cross_entropy.SMALL_TILE // block_c),
+                            BLOCK_C=block_c), 4, 3)
         block, num_warps, single = cross_entropy._row_config(C)
         args = dict(logits_ptr=logits, target_ptr=target, weight_ptr=weight, stats_ptr=stats, loss_ptr=loss,
                     grad_ptr=logits, C=C, ignore_index=-100)

@@ -81,7 +81,12 @@ def test_every_cpu_isa(cpu_isa, dtype):
         _check(logits, target, reduction="none", label_smoothing=0.2)
 
 
-@pytest.mark.parametrize("C", [37, 9000], ids=["short-row", "streamed-row"])
+# On Triton: 12 x 37 takes the one-program kernel for small batches, 1500 the per-row kernel with
+# the row in one block, 9000 the per-row kernel streaming the row.
+ROW_KINDS = dict(argvalues=[37, 1500, 9000], ids=["small-batch", "short-row", "streamed-row"])
+
+
+@pytest.mark.parametrize("C", **ROW_KINDS)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
 @pytest.mark.parametrize("ignore", [False, True], ids=["", "ignore"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["", "weight"])
@@ -102,7 +107,7 @@ def test_class_counts(backend, N, C):
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
-@pytest.mark.parametrize("C", [50, 9000], ids=["short-row", "streamed-row"])
+@pytest.mark.parametrize("C", **ROW_KINDS)
 def test_extreme_logits(backend, C, label_smoothing):
     """+-1e4 logits, -inf entries, a row that is -inf everywhere but at its target, a row of equal
     huge logits: the same losses (inf included) and gradients as PyTorch."""
@@ -191,7 +196,7 @@ def test_no_grad_forward(backend):
                                **TOL[dtype])
 
 
-@pytest.mark.parametrize("C", [37, 9000], ids=["short-row", "streamed-row"])
+@pytest.mark.parametrize("C", **ROW_KINDS)
 def test_inplace_backward(backend, C):
     """inplace_backward writes the gradient over the logits: the upstream gradient is still right
     and the logits buffer now holds dlogits."""
@@ -222,6 +227,31 @@ def test_inplace_backward_on_a_leaf(backend):
     kernels.cross_entropy(leaf, target, inplace_backward=True).backward()
     assert leaf.grad.data_ptr() == leaf.data_ptr()
     torch.testing.assert_close(leaf.grad, x.grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("N,C,kernels_run", [(64, 10, ["small batch"]), (4, 32000, ["target stats", "rows"])])
+def test_triton_launches(monkeypatch, N, C, kernels_run):
+    """A small batch is one launch of the one-program kernel; a large one, the statistics and the
+    per-row kernel."""
+    import kernels.triton.cross_entropy as triton_ce
+
+    launched = []
+
+    class Recorder:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    for attr, name in (("_small_cross_entropy_kernel", "small batch"), ("_target_stats_kernel", "target stats"),
+                       ("_cross_entropy_kernel", "rows")):
+        monkeypatch.setattr(triton_ce, attr, Recorder(getattr(triton_ce, attr), name))
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    logits, target = _inputs(N, C, "cuda" if HAS_CUDA else "cpu", torch.float32)
+    _check(logits, target)
+    assert launched == kernels_run
 
 
 def test_retain_graph(backend):

@@ -22,6 +22,11 @@ Three launches per forward, none of them waiting on the host:
    block is loaded once and kept in registers.
 3. the sum of the row losses ("sum" and "mean"; "mean" rows are already divided by the denominator).
 
+Small batches (up to SMALL_PROBLEM logits, rows of at most SMALL_MAX_C, such as MNIST's 64 x 10)
+are launch-bound, so ``_small_cross_entropy_kernel`` does all three in one program: one pass over
+the targets for the statistics, then the rows in tiles of whole rows, summing the loss in row
+order (deterministic, as the separate sum is).
+
 The backward's ``_scale_grad_kernel`` multiplies dx by grad_output in place; its programs read
 grad_output from device memory and return at once when it is 1, the usual case.
 """
@@ -35,6 +40,11 @@ from kernels.triton.utils import TORCH_TO_TL
 
 # Rows up to this many logits are held in registers (one block); longer rows stream in blocks.
 MAX_SINGLE_BLOCK = 8192
+# Batches up to this many logits (rows padded to a power of two), with rows of at most
+# SMALL_MAX_C, take the one-program kernel; SMALL_TILE logits are in flight at a time.
+SMALL_PROBLEM = 1 << 14
+SMALL_MAX_C = 1024
+SMALL_TILE = 4096
 STREAM_BLOCK = 8192
 SCALE_BLOCK = 4096
 STATS_BLOCK = 4096
@@ -164,6 +174,77 @@ def _cross_entropy_kernel(
 
 
 @triton.jit
+def _small_cross_entropy_kernel(
+    logits_ptr, target_ptr, weight_ptr, loss_ptr, ok_ptr, grad_ptr,
+    N, C, ignore_index,
+    LABEL_SMOOTHING: tl.constexpr, HAS_WEIGHT: tl.constexpr, REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The whole batch in one program: _target_stats_kernel's statistics, then _cross_entropy_kernel's
+    rows BLOCK_N at a time, and the reduction (0/1/2 = none/sum/mean) of their losses."""
+    cols = tl.arange(0, BLOCK_C)
+    col_in = cols < C
+    offs = tl.arange(0, BLOCK_N)
+    denominator = tl.zeros([BLOCK_N], COMPUTE)
+    bad = tl.zeros([BLOCK_N], tl.int32)
+    for start in range(0, N, BLOCK_N):
+        t = tl.load(target_ptr + start + offs, mask=start + offs < N, other=ignore_index)
+        counted = t != ignore_index
+        in_range = (t >= 0) & (t < C)
+        if HAS_WEIGHT:
+            denominator += tl.load(weight_ptr + t, mask=counted & in_range, other=0.0).to(COMPUTE)
+        else:
+            denominator += (counted & in_range).to(COMPUTE)
+        bad += (counted & ~in_range).to(tl.int32)
+    tl.store(ok_ptr, (tl.sum(bad, 0) == 0).to(tl.int32))
+    scale = 1.0 / tl.sum(denominator, 0) if REDUCTION == 2 else 1.0
+
+    eps = tl.full([], LABEL_SMOOTHING, COMPUTE)  # a bare Python float would be rounded to float32
+    eps_c = eps / (tl.zeros([], COMPUTE) + C)
+    w = tl.full([BLOCK_C], 1.0, COMPUTE)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + cols, mask=col_in, other=0.0).to(COMPUTE)
+    weight_sum = tl.sum(tl.where(col_in, w, 0.0), 0)
+    total = tl.zeros([BLOCK_N], COMPUTE)
+    for start in range(0, N, BLOCK_N):
+        rows = start + offs
+        row_in = rows < N
+        t = tl.load(target_ptr + rows, mask=row_in, other=ignore_index)
+        counted = t != ignore_index
+        valid = counted & (t >= 0) & (t < C)
+        row_fill = tl.where(counted, float("nan"), 0.0)  # an out-of-range target: NaN; ignore_index: 0
+        t = tl.where(valid, t, 0)  # never index out of bounds
+        w_t = tl.full([BLOCK_N], 1.0, COMPUTE)
+        if HAS_WEIGHT:
+            w_t = tl.load(weight_ptr + t, mask=row_in, other=0.0).to(COMPUTE)
+        where = rows[:, None].to(tl.int64) * C + cols[None, :]
+        mask = row_in[:, None] & col_in[None, :]
+        x = tl.load(logits_ptr + where, mask=mask & valid[:, None], other=-float("inf")).to(COMPUTE)
+        row_max = tl.max(x, 1)
+        ref = tl.where(row_max == -float("inf"), 0.0, row_max)  # rows of -inf: no inf - inf
+        e = tl.exp(x - ref[:, None])
+        lse = ref + tl.log(tl.sum(e, 1))
+        x_t = tl.sum(tl.where(cols[None, :] == t[:, None], x, 0.0), 1)
+        loss = (1.0 - eps) * w_t * (lse - x_t)
+        if LABEL_SMOOTHING != 0.0:
+            loss += eps_c * tl.sum(tl.where(mask, w[None, :] * (lse[:, None] - x), 0.0), 1)
+        loss = tl.where(valid, loss, row_fill) * scale  # multiplied: 0 * inf makes an empty mean NaN
+        if REDUCTION == 0:
+            tl.store(loss_ptr + rows, loss, mask=row_in)
+        else:
+            total += tl.where(row_in, loss, 0.0)
+        if COMPUTE_GRAD:
+            p_coef = scale * ((1.0 - eps) * w_t + eps_c * weight_sum)
+            t_coef = scale * (1.0 - eps) * w_t
+            dx = (tl.exp(x - lse[:, None]) * p_coef[:, None] - w[None, :] * (scale * eps_c)
+                  - tl.where(cols[None, :] == t[:, None], t_coef[:, None], 0.0))
+            dx = tl.where(valid[:, None], dx, row_fill[:, None])
+            tl.store(grad_ptr + where, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+    if REDUCTION != 0:
+        tl.store(loss_ptr, tl.sum(total, 0))
+
+
+@triton.jit
 def _scale_grad_kernel(grad_ptr, grad_output_ptr, grad_output_stride, C, COMPUTE: tl.constexpr,
                        BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -194,11 +275,21 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
     N, C = logits.shape
     device = logits.device
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    stats = torch.empty(2, dtype=compute, device=device)
     ok = torch.empty(1, dtype=torch.int32, device=device)
     smoothing = label_smoothing != 0.0
     has_weight = weight is not None
     weight_arg = weight if has_weight else logits  # never read without HAS_WEIGHT
+    block_c = triton.next_power_of_2(C)
+    if N and C <= SMALL_MAX_C and N * block_c <= SMALL_PROBLEM:
+        loss = torch.empty(N if reduction == 0 else 1, dtype=compute, device=device)
+        block_n = min(triton.next_power_of_2(N), max(1, SMALL_TILE // block_c))
+        _small_cross_entropy_kernel[(1,)](
+            logits, target, weight_arg, loss, ok, grad if grad is not None else logits, N, C, ignore_index,
+            LABEL_SMOOTHING=label_smoothing, HAS_WEIGHT=has_weight, REDUCTION=reduction,
+            COMPUTE_GRAD=grad is not None, COMPUTE=TORCH_TO_TL[compute], BLOCK_N=block_n, BLOCK_C=block_c,
+            num_warps=4)
+        return (loss if reduction == 0 else loss.view(())).to(logits.dtype), ok
+    stats = torch.empty(2, dtype=compute, device=device)
     _target_stats_kernel[(1,)](target, weight_arg, stats, ok, N, C, ignore_index,
                                HAS_WEIGHT=has_weight, SUM_WEIGHT=has_weight and smoothing,
                                COMPUTE=TORCH_TO_TL[compute], BLOCK=STATS_BLOCK, num_warps=8)
