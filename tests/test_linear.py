@@ -386,8 +386,8 @@ def _tma_gemm(gemm, x, w, b, y, dy, activation, num_programs):
 @pytest.mark.parametrize("gemm", TMA_GEMMS)
 def test_tma_kernel(gemm, activation):
     """The persistent TMA kernel (large bf16/fp16 layers on Hopper) against PyTorch's autograd in
-    float64: ragged M, N and K (partial tiles), more tiles than programs; on the CPU through
-    the interpreter in fp32 and fp16 (it has no bf16), in bf16 and fp16 on a GPU."""
+    float64: ragged M, N and K (partial tiles), more tiles than programs, x a strided view; on the
+    CPU through the interpreter in fp32 and fp16 (it has no bf16), in bf16 and fp16 on a GPU."""
     from kernels.triton.linear import _TMA_CONFIGS
 
     block = _TMA_CONFIGS[gemm != "forward"][0].kwargs
@@ -396,6 +396,7 @@ def test_tma_kernel(gemm, activation):
     device = "cuda" if HAS_CUDA else "cpu"
     for dtype in (torch.bfloat16, torch.float16) if HAS_CUDA else (torch.float32, torch.float16):
         x, w, b = make(M, K, N, device=device, dtype=dtype)
+        x = torch.cat([x, torch.zeros(M, 8, device=device, dtype=dtype)], 1)[:, :K]  # rows of K + 8: strided
         y = linear_reference(x, w, b, activation)
         dy = torch.randn_like(y)
         got = _tma_gemm(gemm, x, w, None if gemm == "grad_input" else b, y, dy, activation, None if HAS_CUDA else 3)
