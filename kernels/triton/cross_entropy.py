@@ -51,11 +51,9 @@ STATS_BLOCK = 4096
 
 
 @triton.jit
-def _target_stats_kernel(target_ptr, weight_ptr, stats_ptr, ok_ptr, N, C, ignore_index,
-                         HAS_WEIGHT: tl.constexpr, SUM_WEIGHT: tl.constexpr, COMPUTE: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    """stats = [sum of w_t over counted rows, sum_c w_c (only with SUM_WEIGHT)]; ok = 1 if no
-    target is out of range."""
+def _target_stats(target_ptr, weight_ptr, N, C, ignore_index, HAS_WEIGHT: tl.constexpr, COMPUTE: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """(sum of w_t over the counted rows, number of targets neither ignore_index nor in range)."""
     offs = tl.arange(0, BLOCK)
     denominator = tl.zeros([BLOCK], COMPUTE)
     bad = tl.zeros([BLOCK], tl.int32)
@@ -68,13 +66,24 @@ def _target_stats_kernel(target_ptr, weight_ptr, stats_ptr, ok_ptr, N, C, ignore
         else:
             denominator += (counted & in_range).to(COMPUTE)
         bad += (counted & ~in_range).to(tl.int32)
-    tl.store(stats_ptr, tl.sum(denominator, 0))
+    return tl.sum(denominator, 0), tl.sum(bad, 0)
+
+
+@triton.jit
+def _target_stats_kernel(target_ptr, weight_ptr, stats_ptr, ok_ptr, N, C, ignore_index,
+                         HAS_WEIGHT: tl.constexpr, SUM_WEIGHT: tl.constexpr, COMPUTE: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """stats = [sum of w_t over counted rows, sum_c w_c (only with SUM_WEIGHT)]; ok = 1 if no
+    target is out of range."""
+    denominator, bad = _target_stats(target_ptr, weight_ptr, N, C, ignore_index, HAS_WEIGHT, COMPUTE, BLOCK)
+    tl.store(stats_ptr, denominator)
     if SUM_WEIGHT:
+        offs = tl.arange(0, BLOCK)
         weights = tl.zeros([BLOCK], COMPUTE)
         for start in range(0, C, BLOCK):
             weights += tl.load(weight_ptr + start + offs, mask=start + offs < C, other=0.0).to(COMPUTE)
         tl.store(stats_ptr + 1, tl.sum(weights, 0))
-    tl.store(ok_ptr, (tl.sum(bad, 0) == 0).to(tl.int32))
+    tl.store(ok_ptr, (bad == 0).to(tl.int32))
 
 
 @triton.jit
@@ -182,22 +191,13 @@ def _small_cross_entropy_kernel(
 ):
     """The whole batch in one program: _target_stats_kernel's statistics, then _cross_entropy_kernel's
     rows BLOCK_N at a time, and the reduction (0/1/2 = none/sum/mean) of their losses."""
+    denominator, bad = _target_stats(target_ptr, weight_ptr, N, C, ignore_index, HAS_WEIGHT, COMPUTE, BLOCK_N)
+    tl.store(ok_ptr, (bad == 0).to(tl.int32))
+    scale = 1.0 / denominator if REDUCTION == 2 else 1.0
+
     cols = tl.arange(0, BLOCK_C)
     col_in = cols < C
     offs = tl.arange(0, BLOCK_N)
-    denominator = tl.zeros([BLOCK_N], COMPUTE)
-    bad = tl.zeros([BLOCK_N], tl.int32)
-    for start in range(0, N, BLOCK_N):
-        t = tl.load(target_ptr + start + offs, mask=start + offs < N, other=ignore_index)
-        counted = t != ignore_index
-        in_range = (t >= 0) & (t < C)
-        if HAS_WEIGHT:
-            denominator += tl.load(weight_ptr + t, mask=counted & in_range, other=0.0).to(COMPUTE)
-        else:
-            denominator += (counted & in_range).to(COMPUTE)
-        bad += (counted & ~in_range).to(tl.int32)
-    tl.store(ok_ptr, (tl.sum(bad, 0) == 0).to(tl.int32))
-    scale = 1.0 / tl.sum(denominator, 0) if REDUCTION == 2 else 1.0
 
     eps = tl.full([], LABEL_SMOOTHING, COMPUTE)  # a bare Python float would be rounded to float32
     eps_c = eps / (tl.zeros([], COMPUTE) + C)
@@ -233,12 +233,11 @@ def _small_cross_entropy_kernel(
             tl.store(loss_ptr + rows, loss, mask=row_in)
         else:
             total += tl.where(row_in, loss, 0.0)
-        if COMPUTE_GRAD:
+        if COMPUTE_GRAD:  # _gradient_block on the tile: per-row terms broadcast along the columns
             p_coef = scale * ((1.0 - eps) * w_t + eps_c * weight_sum)
             t_coef = scale * (1.0 - eps) * w_t
-            dx = (tl.exp(x - lse[:, None]) * p_coef[:, None] - w[None, :] * (scale * eps_c)
-                  - tl.where(cols[None, :] == t[:, None], t_coef[:, None], 0.0))
-            dx = tl.where(valid[:, None], dx, row_fill[:, None])
+            dx = _gradient_block(x, w[None, :], cols[None, :], t[:, None], lse[:, None], p_coef[:, None],
+                                 scale * eps_c, t_coef[:, None], row_fill[:, None], valid[:, None])
             tl.store(grad_ptr + where, dx.to(grad_ptr.dtype.element_ty), mask=mask)
     if REDUCTION != 0:
         tl.store(loss_ptr, tl.sum(total, 0))
