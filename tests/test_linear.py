@@ -438,8 +438,8 @@ def test_cuda_dtypes(shape, dtype, monkeypatch):
 
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9, reason="needs a Hopper GPU")
 def test_cuda_large_layers_take_the_tma_kernel(monkeypatch):
-    """Forward, dx and dW of a large bf16 layer run on the TMA kernel; rows TMA cannot describe
-    fall back to the generic kernel."""
+    """Forward, dx and dW of a large bf16 layer run on the TMA kernel, also when dy comes from
+    y.sum() (stride 0, copied first); rows TMA cannot describe fall back to the generic kernel."""
     import kernels.triton.linear as triton_linear
 
     calls = []
@@ -447,11 +447,15 @@ def test_cuda_large_layers_take_the_tma_kernel(monkeypatch):
     monkeypatch.setattr(triton_linear, "matmul_tma", lambda *a, **k: calls.append(k) or real(*a, **k))
     monkeypatch.setenv("KERNELS_BACKEND", "triton")
     for shape, expected in (((512, 1000, 384), 3), ((520, 1001, 392), 0)):
-        calls.clear()
-        x, w, b = (t.requires_grad_() for t in make(*shape, device="cuda", dtype=torch.bfloat16))
-        y = kernels.linear(x, w, b)
-        y.backward(torch.randn_like(y))  # a dense dy: y.sum()'s would be stride 0, which TMA cannot read
-        assert len(calls) == expected, shape
+        for summed in (False, True):
+            calls.clear()
+            x, w, b = (t.requires_grad_() for t in make(*shape, device="cuda", dtype=torch.bfloat16))
+            y = kernels.linear(x, w, b)
+            if summed:
+                y.sum().backward()
+            else:
+                y.backward(torch.randn_like(y))
+            assert len(calls) == expected, (shape, summed)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")

@@ -325,6 +325,10 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: torch.T
     """(dx, dW, db) of y = act(x W^T + b), each None unless needed; y may be None for "none"."""
     M, K = x.shape
     N = weight.shape[0]
+    if not _tma_ready(dy) and _use_tma(x, N, weight):
+        # A layer large enough for the TMA kernel, but a dy it cannot read (y.sum() gives stride
+        # 0): one copy of dy costs a small fraction of the GEMMs it lets run there.
+        dy = dy.contiguous()
     y_strides = (0, 0) if y is None else y.stride()
     dx = dw = db = None
     if need_x:
