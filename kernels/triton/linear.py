@@ -208,11 +208,13 @@ def _fused_matmul_tma_kernel(
         for ki in range(tl.cdiv(K, BLOCK_K)):
             k0 = ki * BLOCK_K
             a = a_desc.load([k0, m0]).T if A_TRANSPOSED else a_desc.load([m0, k0])
+            dz = a.to(tl.float32)
             if GRAD_OF != "none":
                 y = y_desc.load([k0, m0]).T if A_TRANSPOSED else y_desc.load([m0, k0])
-                a = _activation_grad(a.to(tl.float32), y.to(tl.float32), GRAD_OF).to(y.dtype)
-            if ROW_SUM:
-                row_sum += tl.sum(a.to(tl.float32), axis=1)
+                dz = _activation_grad(dz, y.to(tl.float32), GRAD_OF)
+                a = dz.to(a.dtype)
+            if ROW_SUM:  # from the fp32 dz, before it is rounded for the dot
+                row_sum += tl.sum(dz, axis=1)
             b = b_desc.load([n0, k0]).T if B_TRANSPOSED else b_desc.load([k0, n0])
             acc = tl.dot(a, b, acc)
         if ROW_SUM:
