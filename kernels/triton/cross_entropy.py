@@ -97,11 +97,11 @@ def _online_update(m, s, x):
 
 
 @triton.jit
-def _logsumexp(m, s):
-    """log sum exp from per-lane (max, sum); -inf when every logit is -inf."""
-    row_max = tl.max(m, 0)
-    scaled = tl.where(m == -float("inf"), 0.0, s * tl.exp(m - row_max))
-    return row_max + tl.log(tl.sum(scaled, 0))
+def _logsumexp(m, s, AXIS: tl.constexpr = 0):
+    """log sum exp along AXIS from per-lane (max, sum); -inf when every logit is -inf."""
+    row_max = tl.max(m, AXIS)
+    scaled = tl.where(m == -float("inf"), 0.0, s * tl.exp(m - tl.expand_dims(row_max, AXIS)))
+    return row_max + tl.log(tl.sum(scaled, AXIS))
 
 
 @triton.jit
@@ -220,10 +220,7 @@ def _small_cross_entropy_kernel(
         where = rows[:, None].to(tl.int64) * C + cols[None, :]
         mask = row_in[:, None] & col_in[None, :]
         x = tl.load(logits_ptr + where, mask=mask & valid[:, None], other=-float("inf")).to(COMPUTE)
-        row_max = tl.max(x, 1)
-        ref = tl.where(row_max == -float("inf"), 0.0, row_max)  # rows of -inf: no inf - inf
-        e = tl.exp(x - ref[:, None])
-        lse = ref + tl.log(tl.sum(e, 1))
+        lse = _logsumexp(x, tl.where(x == -float("inf"), 0.0, 1.0).to(COMPUTE), 1)
         x_t = tl.sum(tl.where(cols[None, :] == t[:, None], x, 0.0), 1)
         loss = (1.0 - eps) * w_t * (lse - x_t)
         if LABEL_SMOOTHING != 0.0:
