@@ -427,26 +427,26 @@ void backward(uintptr_t dy, uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t dx,
   });
 }
 
-static Register bindings([](py::module_& m) {
+static const Register registration([](py::module_& m) {
   m.def(
       "linear_forward",
-      [](uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t N, int64_t K,
-         const std::string& activation, const std::string& dtype, int num_threads) {
+      [](const std::string& dtype, uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t N,
+         int64_t K, const std::string& activation, int num_threads) {
         const Act act = parse_activation(activation);
-        py::gil_scoped_release release;
         dispatch_dtype(dtype, [&](auto t) { forward<decltype(t)>(x, w, b, y, M, N, K, act, num_threads); });
       },
+      py::call_guard<py::gil_scoped_release>(),
       "y = act(x W^T + b) for contiguous x (M, K), W (N, K), b (N) or 0, y (M, N).");
   m.def(
       "linear_backward",
-      [](uintptr_t dy, uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t dx, uintptr_t dw, uintptr_t db, int64_t M,
-         int64_t N, int64_t K, const std::string& activation, const std::string& dtype, int num_threads) {
+      [](const std::string& dtype, uintptr_t dy, uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t dx, uintptr_t dw,
+         uintptr_t db, int64_t M, int64_t N, int64_t K, const std::string& activation, int num_threads) {
         const Act act = parse_activation(activation);
-        py::gil_scoped_release release;
         dispatch_dtype(dtype, [&](auto t) {
           backward<decltype(t)>(dy, y, x, w, dx, dw, db, M, N, K, act, num_threads);
         });
       },
+      py::call_guard<py::gil_scoped_release>(),
       "Gradients of y = act(x W^T + b) from dy (M, N) and y (0 for activation none): dx (M, K), "
       "dW (N, K), db (N), each written when its address is not 0.");
 });

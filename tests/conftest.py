@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 
 @dataclass(frozen=True)
 class Backend:
-    name: str  # the KERNELS_BACKEND value
+    name: str  # the kernels.set_backend name
     device: torch.device
 
     @property
@@ -36,10 +36,21 @@ def _backends():
     yield Backend("triton", torch.device("cuda" if HAS_CUDA else "cpu"))
 
 
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """A test may force a backend with kernels.set_backend; the next test starts unforced."""
+    import kernels
+
+    yield
+    kernels.set_backend(None)
+
+
 @pytest.fixture(params=list(_backends()), ids=str)
-def backend(request, monkeypatch) -> Backend:
-    """Runs the test once per backend, with KERNELS_BACKEND set to it."""
-    monkeypatch.setenv("KERNELS_BACKEND", request.param.name)
+def backend(request) -> Backend:
+    """Runs the test once per backend, forced with kernels.set_backend."""
+    import kernels
+
+    kernels.set_backend(request.param.name)
     return request.param
 
 
@@ -57,13 +68,14 @@ def _cpu_isas():
 
 
 @pytest.fixture(params=_cpu_isas())
-def cpu_isa(request, monkeypatch):
-    """Runs the test once per SIMD variant of the C++ kernels (KERNELS_BACKEND=cpu), restoring
-    the best one afterwards: CI's AVX-512 machine would otherwise never run the others."""
+def cpu_isa(request):
+    """Runs the test once per SIMD variant of the C++ kernels (backend "cpu"), restoring the
+    best one afterwards: CI's AVX-512 machine would otherwise never run the others."""
+    import kernels
     from kernels import _C
 
     best = _C.isa()
-    monkeypatch.setenv("KERNELS_BACKEND", "cpu")
+    kernels.set_backend("cpu")
     _C.set_isa(request.param)
     yield request.param
     _C.set_isa(best)

@@ -181,9 +181,9 @@ def test_lr_scheduler(backend, schedule):
 def test_one_launch_per_group(backend, monkeypatch):
     """Each group's step is one kernel call, whatever its number of tensors."""
     if backend.name == "cpu":
-        module, name = kernels._dispatch.cpp(), "adam_step"
+        module, name = kernels.cpu.extension(), "adam_step"
     else:
-        module, name = kernels._dispatch.triton_op("adam"), "adam_step"
+        module, name = kernels._dispatch.implementation("adam", "triton"), "adam_step"
     calls = []
     launch = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or launch(*a, **k))
@@ -346,7 +346,7 @@ def test_sparse_gradient_rejected(backend):
 
 def test_table_layout_matches_the_cpp_kernel():
     from kernels import _C
-    from kernels.adam import TABLE_FIELDS
+    from kernels.ops.adam import TABLE_FIELDS
 
     assert _C.adam_table_fields == len(TABLE_FIELDS)
 
@@ -357,7 +357,7 @@ def test_mixed_devices_rejected():
 
 
 def test_unsupported_dtypes_rejected(monkeypatch):
-    monkeypatch.setenv("KERNELS_BACKEND", "cpu")
+    kernels.set_backend("cpu")
     with pytest.raises(TypeError, match="the cpu backend supports float32, float64"):
         FusedAdam([torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)])
     with pytest.raises(TypeError, match="floating-point"):
@@ -384,7 +384,7 @@ def test_cpu_threads_split_tensors():
 
 
 def test_torch_reference_backend(monkeypatch):
-    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    kernels.set_backend("torch")
     init, grads = make_problem("cpu", steps=10)
     ours = train(lambda ps: FusedAdamW(ps, lr=LR, amsgrad=True), init, grads)
     assert_same(ours, train(lambda ps: torch.optim.AdamW(ps, lr=LR, amsgrad=True), init, grads), atol=0, rtol=0)

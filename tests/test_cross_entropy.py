@@ -248,7 +248,7 @@ def test_triton_launches(monkeypatch, N, C, kernels_run):
     for attr, name in (("_small_cross_entropy_kernel", "small batch"), ("_target_stats_kernel", "target stats"),
                        ("_cross_entropy_kernel", "rows")):
         monkeypatch.setattr(triton_ce, attr, Recorder(getattr(triton_ce, attr), name))
-    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    kernels.set_backend("triton")
     logits, target = _inputs(N, C, "cuda" if HAS_CUDA else "cpu", torch.float32)
     _check(logits, target)
     assert launched == kernels_run
@@ -304,7 +304,7 @@ def test_module(backend):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gradcheck_cpp(reduction, monkeypatch):
-    monkeypatch.setenv("KERNELS_BACKEND", "cpu")
+    kernels.set_backend("cpu")
     target = torch.tensor([0, 6, -100, 3, 3])
     for n_cls in (7, 300):  # a short row and a streamed one
         logits = torch.randn(5, n_cls, dtype=torch.float64, requires_grad=True)
@@ -315,7 +315,7 @@ def test_gradcheck_cpp(reduction, monkeypatch):
 
 def test_torch_reference_backend(monkeypatch):
     """KERNELS_BACKEND=torch (the plain-PyTorch reference of the kernels) also matches F.cross_entropy."""
-    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    kernels.set_backend("torch")
     for reduction in REDUCTIONS:
         logits, target = _inputs(6, 40, "cpu", torch.float64, ignore=True)
         _check(logits, target, weight=torch.rand(40, dtype=torch.float64), reduction=reduction,
@@ -379,7 +379,7 @@ def test_bad_arguments(backend):
 
 
 def test_cpu_backend_dtypes(monkeypatch):
-    monkeypatch.setenv("KERNELS_BACKEND", "cpu")
+    kernels.set_backend("cpu")
     with pytest.raises(TypeError, match="float32, float64"):
         kernels.cross_entropy(torch.randn(2, 3, dtype=torch.bfloat16), torch.tensor([0, 1]))
 
@@ -394,7 +394,7 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("C", [1000, 50257])
 def test_half_precision_cuda(dtype, C, monkeypatch):
-    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    kernels.set_backend("triton")
     logits, target = _inputs(64, C, "cuda", dtype, ignore=True)
     weight = torch.rand(C, device="cuda").to(dtype) + 0.5
     _check(logits, target, weight=weight, label_smoothing=0.1)
@@ -404,7 +404,7 @@ def test_half_precision_cuda(dtype, C, monkeypatch):
 @cuda_only
 def test_no_host_sync_cuda(monkeypatch):
     """Forward and backward with every option never synchronise with the host."""
-    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    kernels.set_backend("triton")
     logits, target = _inputs(32, 40000, "cuda", torch.bfloat16, ignore=True)
     weight = torch.rand(40000, device="cuda", dtype=torch.bfloat16)
     x = logits.requires_grad_()

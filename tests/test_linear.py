@@ -1,6 +1,9 @@
 """kernels.linear / kernels.FusedLinear against nn.Linear followed by the activation, on every
 backend: the C++ kernels, and Triton (interpreted on CPU tensors, compiled on a GPU)."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels.linear import FusedLinear, linear_reference
+from kernels import FusedLinear
+from kernels.reference.linear import forward as linear_reference
 
 HAS_CUDA = torch.cuda.is_available()
 ACTIVATIONS = {"relu": nn.ReLU, "none": nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
@@ -108,8 +112,8 @@ def test_mnist_layers(backend, shape, activation):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [(600, 100, 530), (37, 1030, 21), (300, 1024, 40)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_cpp_blocking_boundaries(shape, dtype, threads, monkeypatch):
-    monkeypatch.setenv("KERNELS_BACKEND", "cpu")
+def test_cpp_blocking_boundaries(shape, dtype, threads):
+    kernels.set_backend("cpu")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -193,21 +197,46 @@ def test_no_grad_forward(backend):
     torch.testing.assert_close(y, torch.sigmoid(F.linear(x, w, b)))
 
 
-def test_create_graph(backend):
-    """backward(create_graph=True) gives nn.Linear's gradient, which cannot be differentiated again."""
-    x, w, b = make(5, 7, 3, device=backend.device)
-    x.requires_grad_()
-    (dx,) = torch.autograd.grad(kernels.linear(x, w, b, "tanh").sum(), x, create_graph=True)
-    x64 = x.detach().double().requires_grad_()
-    (dx_ref,) = torch.autograd.grad(torch.tanh(F.linear(x64, w.double(), b.double())).sum(), x64)
-    torch.testing.assert_close(dx.double(), dx_ref, rtol=1e-5, atol=1e-6)
-    with pytest.raises(RuntimeError):  # no second derivative: an error, never a silent zero
-        dx.sum().backward()
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_double_backward_gradient_penalty(backend, activation):
+    """A WGAN-GP gradient penalty through a two-layer critic: ||d critic / d x||^2 backpropagated
+    to every parameter (a graph of the gradient, then its backward), as nn.Linear gives it."""
+    x, w1, b1 = make(6, 5, 4, device=backend.device)
+    w2, b2 = torch.randn(1, 4, device=backend.device), torch.randn(1, device=backend.device)
+    params = [w1, b1, w2, b2]
+
+    def penalty(first, second, x, params):
+        x = x.detach().requires_grad_()
+        out = second(first(x, *params[:2]), *params[2:])
+        (dx,) = torch.autograd.grad(out, x, grad_outputs=torch.ones_like(out), create_graph=True)
+        grads = torch.autograd.grad((dx.norm(2, dim=1) - 1).pow(2).mean(), params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]  # relu: b1 unused
+
+    ours = penalty(lambda x, w, b: kernels.linear(x, w, b, activation),
+                   lambda h, w, b: kernels.linear(h, w, b, "none"), x, [p.requires_grad_() for p in params])
+    torch_act = ACTIVATIONS[activation]()
+    params64 = [p.detach().double().requires_grad_() for p in params]
+    expected = penalty(lambda x, w, b: torch_act(F.linear(x, w, b)), F.linear, x.double(), params64)
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_hessian_vector_product(backend, activation):
+    """torch.autograd.functional.hvp through the layer (curved activations: a non-zero Hessian)."""
+    x, w, b = make(3, 4, 2, device=backend.device)
+    v = torch.randn_like(w)
+    _, ours = torch.autograd.functional.hvp(lambda w: kernels.linear(x, w, b, activation).pow(2).sum(), w, v)
+    torch_act = ACTIVATIONS[activation]()
+    x64, b64 = x.double(), b.double()
+    _, want = torch.autograd.functional.hvp(lambda w: torch_act(F.linear(x64, w, b64)).pow(2).sum(), w.double(),
+                                            v.double())
+    torch.testing.assert_close(ours.double(), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-def test_gradcheck_cpp(activation, monkeypatch):
-    monkeypatch.setenv("KERNELS_BACKEND", "cpu")
+def test_gradcheck_cpp(activation):
+    kernels.set_backend("cpu")
     x = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, dtype=torch.float64, requires_grad=True)
@@ -215,8 +244,8 @@ def test_gradcheck_cpp(activation, monkeypatch):
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
-def test_gradcheck_triton(activation, monkeypatch):
-    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+def test_gradcheck_triton(activation):
+    kernels.set_backend("triton")
     device = "cuda" if HAS_CUDA else "cpu"
     x = torch.randn(3, 4, dtype=torch.float64, device=device, requires_grad=True)
     w = torch.randn(2, 4, dtype=torch.float64, device=device, requires_grad=True)
@@ -224,33 +253,41 @@ def test_gradcheck_triton(activation, monkeypatch):
     assert torch.autograd.gradcheck(lambda *t: kernels.linear(*t, activation=activation), (x, w, b))
 
 
-def test_torch_backend_is_the_reference(monkeypatch):
-    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+def test_torch_backend_is_the_reference():
+    kernels.set_backend("torch")
     x, w, b = make(5, 4, 3, device="cpu")
     torch.testing.assert_close(kernels.linear(x, w, b, "tanh"), torch.tanh(F.linear(x, w, b)), rtol=0, atol=0)
     torch.testing.assert_close(linear_reference(x, w, None, "none"), F.linear(x, w), rtol=0, atol=0)
 
 
-def test_backend_follows_the_environment_at_run_time(monkeypatch):
-    """KERNELS_BACKEND is read on every call (through a cache): setting, changing and removing it
-    takes effect at once, for a tensor or a device, and a bad value is named."""
+def test_backend_choice_at_run_time():
+    """The device picks the backend unless set_backend forces one; a bad name is named."""
     x = torch.randn(2, 3)
-    monkeypatch.delenv("KERNELS_BACKEND", raising=False)
     assert kernels.backend_for(x) == kernels.backend_for(x.device) == "cpu"
     assert kernels.backend_for(torch.device("meta")) == kernels.backend_for(x.to("meta")) == "torch"
-    monkeypatch.setenv("KERNELS_BACKEND", "torch")
+    kernels.set_backend("torch")
     assert kernels.backend_for(x) == "torch"
-    monkeypatch.setenv("KERNELS_BACKEND", " Triton ")
+    kernels.set_backend(" Triton ")
     if HAS_CUDA:  # conftest sets TRITON_INTERPRET=1 only without a GPU
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
             kernels.backend_for(x)
     else:
         assert kernels.backend_for(x) == "triton"
-    monkeypatch.setenv("KERNELS_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="KERNELS_BACKEND='cuda' is not one of triton, cpu, torch"):
-        kernels.linear(x, torch.randn(4, 3))
-    monkeypatch.delenv("KERNELS_BACKEND")
+    with pytest.raises(ValueError, match="backend 'cuda' is not one of triton, cpu, torch"):
+        kernels.set_backend("cuda")
+    with kernels.use_backend("torch"):
+        assert kernels.backend_for(x) == "torch"
+    assert kernels.get_backend() == "triton"
+    kernels.set_backend(None)
     assert kernels.backend_for(x) == "cpu"
+
+
+def test_backend_from_the_environment_at_import():
+    """KERNELS_BACKEND sets the backend that kernels starts with."""
+    code = "import torch, kernels; print(kernels.get_backend(), kernels.backend_for(torch.zeros(1)))"
+    env = dict(os.environ, KERNELS_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["torch", "torch"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,8 +379,8 @@ def test_errors(backend):
         kernels.linear(x.long(), w.long(), b.long())
 
 
-def test_unsupported_dtype_names_the_backend(monkeypatch):
-    monkeypatch.setenv("KERNELS_BACKEND", "cpu")
+def test_unsupported_dtype_names_the_backend():
+    kernels.set_backend("cpu")
     x, w, b = (t.half() for t in make(2, 3, 4, device="cpu"))
     with pytest.raises(TypeError, match="input has dtype torch.float16, the cpu backend supports float32, float64"):
         kernels.linear(x, w, b)
@@ -430,8 +467,8 @@ def test_tma_needs_aligned_unit_stride_rows():
 # rows of 1001 are not 16-byte aligned).
 @pytest.mark.parametrize("shape", [(33, 70, 17), (64, 784, 128), (512, 1000, 384), (520, 1001, 392)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_cuda_dtypes(shape, dtype, monkeypatch):
-    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+def test_cuda_dtypes(shape, dtype):
+    kernels.set_backend("triton")
     x, w, b = make(*shape, device="cuda", dtype=dtype)
     check_against_nn(x, w, b, "relu")
 

@@ -1,1 +1,1 @@
-"""Triton GPU kernels, one module per op. Imported lazily by kernels._dispatch.triton_op."""
+"""Triton GPU kernels, one module per op. Imported on first use by kernels._dispatch.implementation."""

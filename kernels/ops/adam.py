@@ -30,7 +30,12 @@ from itertools import chain
 import torch
 from torch.optim import optimizer as _torch_optimizer
 
-from kernels._dispatch import SUPPORTED_DTYPES, backend_for, cpp, cpp_dtype, num_threads, triton_op
+from kernels._dispatch import SUPPORTED_DTYPES, backend_for, implementation
+from kernels.cpu import dtype_name as cpp_dtype, extension as cpp, num_threads
+
+
+def triton_op(name):
+    return implementation(name, "triton")
 
 __all__ = ["FusedAdam", "FusedAdamW", "adam_reference"]
 

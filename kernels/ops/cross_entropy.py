@@ -23,8 +23,12 @@ import weakref
 import torch
 from torch import nn
 
-from kernels._dispatch import (backend_for, check_tensor, cpp, cpp_dtype, num_threads, once_differentiable_backward,
-                               triton_op)
+from kernels._dispatch import backend_for, check_tensor, implementation
+from kernels.cpu import dtype_name as cpp_dtype, extension as cpp, num_threads
+
+
+def triton_op(name):
+    return implementation(name, "triton")
 
 _OP = "cross_entropy"
 _REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
@@ -133,7 +137,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
         ctx.grad, ctx.target, ctx.weight, ctx.options, ctx.impl = grad, target, weight, options, impl
         return loss
 
-    backward = once_differentiable_backward(_scaled_grad)
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _scaled_grad(ctx, grad_output)
 
 
 def _recomputed_grad(ctx) -> torch.Tensor:
