@@ -2,6 +2,8 @@
 interpreter, the fp32 dot precision PyTorch would use, and the accumulator dtype."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -38,3 +40,12 @@ TORCH_TO_TL = {
     torch.bfloat16: tl.bfloat16,
     torch.float64: tl.float64,
 }
+
+
+def device_guard(t: torch.Tensor):
+    """A context that makes ``t``'s GPU the current one while kernels launch on it: Triton
+    launches on the current device, so tensors on cuda:1 with device 0 current would be read
+    through the wrong context. It only switches when the devices differ."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
