@@ -27,7 +27,7 @@ from ffnn import data as datasets
 from ffnn.errors import FFNNError
 from ffnn.evaluate import evaluate_model
 from ffnn.model import build, loss_function
-from ffnn.train import World, capture_step, make_optimizer, make_step
+from ffnn.step import World, capture_step, make_optimizer, make_step
 
 BATCH, LR, SEED = 64, 1e-3, 0
 

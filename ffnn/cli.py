@@ -1,22 +1,29 @@
-"""What the three commands share: their common options, device choice and error reporting."""
+"""What the three commands share: their common options, device choice, the machine they run
+on, and error reporting."""
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
 from collections.abc import Callable
 
 import torch
 
-from ffnn.data import CLASSES
+from ffnn.data import CLASSES, NORMALIZATIONS
 from ffnn.errors import FFNNError
+from ffnn.launch import INTERRUPTED
 from ffnn.model import IMPLS
 
 
 def add_data_options(p: argparse.ArgumentParser, unset: str = "the checkpoint's") -> None:
-    """--dataset (``unset`` says what leaving it out means), --data-dir, --no-download."""
+    """--dataset and --normalize (``unset`` says what leaving them out means), --data-dir, --no-download."""
     p.add_argument("--dataset", choices=tuple(CLASSES), help=f"which dataset (default: {unset})")
+    p.add_argument("--normalize", choices=tuple(NORMALIZATIONS),
+                   help="pixels as the model sees them: none = 0..255, unit = [0, 1] (ToTensor), "
+                        "tutorial = [-1, 1] (ToTensor + Normalize(0.5, 0.5)) (default: the checkpoint's, else tutorial)")
     p.add_argument("--data-dir", default=None,
-                   help="directory with the four IDX files (gzipped or not), or where to download them "
+                   help="directory with the IDX files (gzipped or not), or where to download them "
                         "(default: ./data; for fashion-mnist /usr/share/datasets/fashion-mnist when installed)")
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="never download: fail when the files are not in --data-dir")
@@ -41,10 +48,41 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_summary() -> str:
+    """The CPU a figure was measured on: model, cores, the C++ kernels' SIMD path, threads."""
+    try:
+        from kernels import _C
+
+        simd = f"SIMD {_C.isa()}"
+    except ImportError:
+        simd = "C++ kernels not built"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu_model()}, {cores} cores, {simd}, {torch.get_num_threads()} threads"
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a command; an FFNNError (bad input) becomes one line on stderr and exit status 2."""
+    """Run a command; an FFNNError (bad input) becomes one line on stderr and exit status 2, and
+    Ctrl-C that the command did not handle itself ends it with status 130, without a traceback."""
     try:
         return command(args)
     except FFNNError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED

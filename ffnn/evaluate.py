@@ -4,6 +4,11 @@
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the slow imports below
+    from ffnn.launch import exit_quietly_on_ctrl_c
+
+    exit_quietly_on_ctrl_c()
+
 import argparse
 import sys
 from dataclasses import dataclass
@@ -12,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ffnn import checkpoint, data as datasets, plots
-from ffnn.cli import add_data_options, add_device_options, resolve_device, run_command
+from ffnn.cli import add_data_options, add_device_options, plural, resolve_device, run_command
 from ffnn.model import loss_function
 
 PROG = "ffnn-evaluate"
@@ -61,7 +66,8 @@ def evaluate(args: argparse.Namespace) -> int:
     run = ckpt.get("args", {})
     device = resolve_device(args.device)
     data = datasets.load(args.dataset or run.get("dataset", "mnist"), args.data_dir or run.get("data_dir"),
-                         device, args.download, splits=("test",))
+                         device, args.download, splits=("test",),
+                         normalization=args.normalize or run.get("normalize", datasets.DEFAULT_NORMALIZATION))
     model = checkpoint.model_from(ckpt, args.impl, device, data.num_features, len(data.classes))
     ev = evaluate_model(model, data.test_x, data.test_y, loss_function(args.impl), len(data.classes))
 
@@ -70,7 +76,7 @@ def evaluate(args: argparse.Namespace) -> int:
     plots.confusion_matrix(ev.confusion, data.classes, out, title=title)
 
     sizes = "-".join(str(s) for s in ckpt["arch"]["sizes"])
-    trained = f", trained {ckpt['epoch']} epoch(s)" if "epoch" in ckpt else ""
+    trained = f", trained {plural(ckpt['epoch'], 'epoch')}" if "epoch" in ckpt else ""
     print(f"checkpoint: {args.checkpoint} (MLP {sizes}{trained})")
     print(f"test set:   {data.name}, {len(data.test_y):,} images from {data.source}")
     print(f"accuracy:   {100 * ev.accuracy:.2f}%  (test loss {ev.loss:.4f})")

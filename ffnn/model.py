@@ -87,6 +87,13 @@ def build(impl: str = "fused", sizes: Sequence[int] = DEFAULT_SIZES, activation:
     return (MLP if impl == "fused" else TorchMLP)(sizes, activation).to(device)
 
 
+def describe(sizes: Sequence[int], activation: str) -> str:
+    """What the commands print for an MLP: "MLP 784-128-64-10 (relu)"; without hidden layers
+    there is no activation to name."""
+    layers = "-".join(map(str, sizes))
+    return f"MLP {layers} ({activation})" if len(sizes) > 2 else f"MLP {layers} (no hidden layer)"
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -16,12 +16,13 @@ def _pyplot():
 
 
 def loss_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
-    """Training against validation (test) loss per epoch, as in the tutorials."""
+    """Training against test-set loss per epoch (the tutorials' curves, whose "validation" set is
+    the test set)."""
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="training loss")
-    ax.plot(epochs, [h["test_loss"] for h in history], "s-", label="validation loss")
+    ax.plot(epochs, [h["test_loss"] for h in history], "s-", label="test loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("cross-entropy loss")
     ax.set_xticks(epochs)
@@ -34,14 +35,17 @@ def loss_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     return Path(path)
 
 
-def sample_grid(images: torch.Tensor, labels, predictions, classes, path: str | Path, cols: int = 8) -> Path:
-    """Images (N, H, W) in [-1, 1] with their label and prediction; wrong predictions in red.
-    Drawn as one mosaic in one axes (an axes per image costs about a second)."""
+def sample_grid(images: torch.Tensor, labels, predictions, classes, path: str | Path, cols: int = 8,
+                value_range: tuple[float, float] = (-1.0, 1.0)) -> Path:
+    """Images (N, H, W), black to white over ``value_range``, with their label and prediction;
+    wrong predictions in red. Drawn as one mosaic in one axes (an axes per image costs about a
+    second)."""
     plt = _pyplot()
+    low, high = value_range
     n, h, w = images.shape
     rows = (n + cols - 1) // cols
     cell_h, cell_w = h + h // 2, w + w // 7  # room for two lines of caption above each image
-    mosaic = torch.full((rows * cell_h, cols * cell_w), -1.0)
+    mosaic = torch.full((rows * cell_h, cols * cell_w), low)
     fig, ax = plt.subplots(figsize=(cols * cell_w / 22, rows * cell_h / 22))
     fig.subplots_adjust(left=0, right=1, bottom=0, top=1)
     for i, (img, label, pred) in enumerate(zip(images.cpu().float(), labels, predictions)):
@@ -50,7 +54,7 @@ def sample_grid(images: torch.Tensor, labels, predictions, classes, path: str | 
         ok = int(label) == int(pred)
         ax.text(left + w / 2, top - 1, f"label {classes[int(label)]}\npred {classes[int(pred)]}", fontsize=8,
                 ha="center", va="bottom", color="limegreen" if ok else "red")
-    ax.imshow(mosaic.numpy(), cmap="gray", vmin=-1, vmax=1)
+    ax.imshow(mosaic.numpy(), cmap="gray", vmin=low, vmax=high)
     ax.axis("off")
     fig.savefig(path, dpi=110)
     plt.close(fig)

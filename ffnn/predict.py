@@ -3,11 +3,18 @@
     python -m ffnn.predict --checkpoint runs/mnist-fused/checkpoint.pt digit.png
     python -m ffnn.predict --checkpoint runs/mnist-fused/checkpoint.pt --index 0   # test image 0
 
-The image is read as grayscale and resized to 28x28 when it is another size. MNIST and
-Fashion-MNIST draw light strokes on a dark background; an image with a light border is
-inverted first (``--invert auto``, the default).
+The image is converted to grayscale, padded to a square with its border's colour (MNIST and
+Fashion-MNIST centre each item in a square; stretching would distort it) and resized to 28x28
+when it is another size. MNIST and Fashion-MNIST draw light strokes on a dark background; an
+image with a light border is inverted (``--invert auto``, the default). The pixels are then
+normalised as the checkpoint's run was.
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # before the slow imports below
+    from ffnn.launch import exit_quietly_on_ctrl_c
+
+    exit_quietly_on_ctrl_c()
 
 import argparse
 import sys
@@ -22,6 +29,10 @@ from ffnn.errors import FFNNError
 PROG = "ffnn-predict"
 
 
+def _border(pixels: torch.Tensor) -> torch.Tensor:
+    return torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+
+
 def read_image(path: str | Path, shape: tuple[int, int] = (28, 28), invert: str = "auto") -> tuple[torch.Tensor, str]:
     """(uint8 tensor of ``shape``, a note on what was done to it) for the image file at ``path``."""
     from PIL import Image, UnidentifiedImageError
@@ -31,16 +42,24 @@ def read_image(path: str | Path, shape: tuple[int, int] = (28, 28), invert: str 
         raise FFNNError(f"image {path} does not exist")
     try:
         with Image.open(path) as img:
+            mode = img.mode
             img = img.convert("L")
     except (UnidentifiedImageError, OSError) as e:
         raise FFNNError(f"{path} is not an image file PIL can read (PNG, JPEG, ...): {e}") from e
-    notes = [f"{img.width}x{img.height} grayscale"]
+    notes = [f"{img.width}x{img.height} " + ("grayscale" if mode == "L" else f"{mode}, converted to grayscale")]
+    if img.width != img.height:
+        side = max(img.size)
+        background = int(_border(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+                                 .view(img.height, img.width)).float().median())
+        square = Image.new("L", (side, side), background)
+        square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+        img = square
+        notes.append(f"padded to {side}x{side}")
     if img.size != (shape[1], shape[0]):
         img = img.resize((shape[1], shape[0]), Image.Resampling.LANCZOS)
         notes.append(f"resized to {shape[1]}x{shape[0]}")
     pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(shape)
-    border = torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).float().mean()
-    if invert == "yes" or (invert == "auto" and border > 127):
+    if invert == "yes" or (invert == "auto" and _border(pixels).float().mean() > 127):
         pixels = 255 - pixels
         notes.append("inverted to light-on-dark")
     return pixels, ", ".join(notes)
@@ -71,12 +90,14 @@ def predict(args: argparse.Namespace) -> int:
     ckpt = checkpoint.load(args.checkpoint)
     run = ckpt.get("args", {})
     dataset = args.dataset or run.get("dataset", "mnist")
+    normalization = args.normalize or run.get("normalize", datasets.DEFAULT_NORMALIZATION)
     classes = datasets.CLASSES[dataset]
     device = resolve_device(args.device)
     shape = tuple(ckpt.get("image_shape", (28, 28)))
     truth = None
     if args.index is not None:
-        data = datasets.load(dataset, args.data_dir or run.get("data_dir"), "cpu", args.download, splits=("test",))
+        data = datasets.load(dataset, args.data_dir or run.get("data_dir"), "cpu", args.download, splits=("test",),
+                             normalization=normalization)
         if not 0 <= args.index < len(data.test_y):
             raise FFNNError(f"--index {args.index} is out of range: the {dataset} test set has {len(data.test_y)} images")
         x = data.test_x[args.index]
@@ -84,7 +105,7 @@ def predict(args: argparse.Namespace) -> int:
         what = f"{dataset} test image {args.index} (label {classes[truth]})"
     else:
         pixels, notes = read_image(args.image, shape, args.invert)
-        x = datasets.normalize(pixels.flatten())
+        x = datasets.normalize(pixels.flatten(), normalization)
         what = f"{args.image} ({notes})"
     model = checkpoint.model_from(ckpt, args.impl, device, x.numel(), len(classes))
     probs = class_probabilities(model, x[None])[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -22,7 +23,8 @@ import torch
 from torch import nn
 
 import ffnn
-from ffnn import checkpoint, data as datasets, evaluate, predict, train
+import kernels
+from ffnn import checkpoint, data as datasets, evaluate, predict, step as steps, train
 from ffnn.errors import FFNNError
 from ffnn.model import MLP, TorchMLP, sizes_from_state_dict
 
@@ -127,9 +129,9 @@ def test_training_steps_on_the_triton_kernels_match_pytorch(monkeypatch):
     for impl in ("fused", "torch"):
         model = ffnn.build_model(impl, (784, 16, 10), seed=0, device=device)
         args = SimpleNamespace(lr=1e-2, weight_decay=None, impl=impl, optimizer="adam")
-        optimizer = train.make_optimizer(args, model.parameters(), capturable=False)
+        optimizer = steps.make_optimizer(args, model.parameters(), capturable=False)
         loss_sum = torch.zeros((), device=device)
-        step = train.make_step(model, optimizer, ffnn.model.loss_function(impl), x, y, loss_sum, train.World(), 1.0)
+        step = steps.make_step(model, optimizer, ffnn.model.loss_function(impl), x, y, loss_sum, steps.World(), 1.0)
         for i in range(3):
             step(torch.arange(8 * i, 8 * i + 8, device=device))
         weights[impl] = (model.state_dict(), loss_sum.item())
@@ -198,17 +200,56 @@ def test_missing_data_dir_says_what_to_do(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert train.main([*RUN, "--data-dir", str(missing), "--no-download", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("ffnn-train: error: no mnist data in") and str(missing) in err
-    assert "train-images-idx3-ubyte" in err and "--data-dir" in err and "--dataset fashion-mnist" in err
+    assert err.startswith("ffnn-train: error: no mnist data: looked for train-images-idx3-ubyte[.gz]")
+    assert f"in {missing}, {missing / 'MNIST' / 'raw'}, and downloading is off (--no-download)" in err
+    assert "--data-dir" in err and "--dataset fashion-mnist" in err and err.count("\n") == 1
 
 
-def test_failed_download_says_what_to_do(tmp_path, monkeypatch):
-    def offline(dataset, directory):
-        raise OSError("Name or service not known")
+def test_failed_download_says_what_to_do_in_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    def offline(dataset, directory, files):
+        (directory / files[0]).write_bytes(b"partial")  # what an interrupted download leaves
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://mirror/, got:\n"
+                           "<urlopen error [Errno -3] Temporary failure in name resolution>\n")
 
     monkeypatch.setattr(datasets, "_torchvision_download", offline)
-    with pytest.raises(FFNNError, match=r"download failed \(OSError: Name or service not known\).*dataset-fashion-mnist"):
-        datasets.load("fashion-mnist", tmp_path)
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", tmp_path / "package-not-installed")
+    monkeypatch.chdir(tmp_path)
+    typo = tmp_path / "dta"
+    for data_dir in (typo, None):  # a mistyped --data-dir, and the default ./data
+        with pytest.raises(FFNNError) as e:
+            datasets.load("fashion-mnist", data_dir)
+        message = str(e.value)
+        assert "\n" not in message
+        assert "download failed (RuntimeError: <urlopen error [Errno -3] Temporary failure" in message
+        assert "train-images-idx3-ubyte[.gz]" in message and "apt-get install -y dataset-fashion-mnist" in message
+    assert list(tmp_path.iterdir()) == []  # no ./data, no dta/FashionMNIST/raw
+
+
+def test_nothing_is_downloaded_into_a_system_dataset_directory(tmp_path, monkeypatch):
+    def must_not_download(dataset, directory, files):
+        raise AssertionError("downloaded")
+
+    monkeypatch.setattr(datasets, "_torchvision_download", must_not_download)
+    monkeypatch.setattr(datasets, "SYSTEM_DATASETS", tmp_path)
+    empty_package_dir = tmp_path / "fashion-mnist"
+    empty_package_dir.mkdir()
+    with pytest.raises(FFNNError, match="nothing is downloaded into"):
+        datasets.load("fashion-mnist", empty_package_dir)
+    assert list(empty_package_dir.iterdir()) == []
+
+
+def test_a_download_fetches_only_the_files_a_command_needs(tmp_path, data_dir, monkeypatch):
+    fetched = []
+
+    def mirror(dataset, directory, files):
+        fetched.extend(files)
+        for name in files:
+            (directory / name).write_bytes((data_dir / name).read_bytes())
+
+    monkeypatch.setattr(datasets, "_torchvision_download", mirror)  # data_dir's test files are not gzipped
+    d = datasets.load("mnist", tmp_path / "new", splits=("test",))
+    assert fetched == list(datasets.SPLIT_FILES["test"]) and len(d.test_y) == N_TEST and len(d.train_y) == 0
+    assert sorted(p.name for p in (tmp_path / "new" / "MNIST" / "raw").iterdir()) == sorted(fetched)
 
 
 # --- training --------------------------------------------------------------------------------
@@ -330,6 +371,239 @@ def test_torchrun_two_processes_match_one(runs, data_dir, tmp_path):
     assert two[-1]["train_loss"] == pytest.approx(one[-1]["train_loss"], rel=1e-5)
 
 
+# --- the training step ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl, optimizer", [("fused", "adam"), ("torch", "adam"), ("torch", "sgd")])
+def test_gradient_addresses_never_change_across_steps(impl, optimizer):
+    """What a CUDA graph replays and FusedAdam's address table hold: every .grad is a view of one
+    flat buffer, zeroed in place by the step, never replaced."""
+    from types import SimpleNamespace
+
+    x, y = torch.randn(32, 784), torch.randint(0, 10, (32,))
+    model = ffnn.build_model(impl, (784, 16, 10), seed=0)
+    args = SimpleNamespace(lr=1e-2, weight_decay=None, impl=impl, optimizer=optimizer, momentum=0.9, nesterov=False)
+    opt = steps.make_optimizer(args, model.parameters(), capturable=False)
+    step = steps.make_step(model, opt, ffnn.model.loss_function(impl), x, y, torch.zeros(()), steps.World(), 1.0)
+    params = list(model.parameters())
+    addresses = None
+    for i in range(4):
+        step(torch.arange(8 * i, 8 * i + 8))
+        now = [p.grad.data_ptr() for p in params]
+        assert addresses is None or now == addresses
+        addresses = now
+    flat_start = addresses[0]
+    assert addresses == [flat_start + 4 * sum(p.numel() for p in params[:i]) for i in range(len(params))]
+    # the step zeroes the buffer rather than accumulating: the last gradient is the last batch's alone
+    model.zero_grad(set_to_none=False)
+    ffnn.model.loss_function(impl)(model(x[24:32]), y[24:32]).backward()
+    expected = [p.grad.clone() for p in params]
+    step(torch.arange(24, 32))
+    assert all(torch.allclose(p.grad, e, atol=1e-6) for p, e in zip(params, expected))
+
+
+def _plain_pytorch_run(data_dir: Path, sizes, make_optimizer, batch: int, epochs: int, keep_last: bool,
+                       normalization: str = "tutorial") -> dict:
+    """The training loop written as the tutorials write it (nn.Linear, F.cross_entropy, a
+    non-fused torch.optim), on the batches ffnn.train draws: its final weights."""
+    data = datasets.load("mnist", data_dir, normalization=normalization)
+    model = ffnn.build_model("torch", sizes, seed=0)
+    opt = make_optimizer(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    n = len(data.train_y)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator)
+        batches = perm.split(batch) if keep_last else perm[: n // batch * batch].split(batch)
+        for idx in batches:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(data.train_x[idx]), data.train_y[idx]).backward()
+            opt.step()
+    return model.state_dict()
+
+
+SGD_RUN = ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--nesterov", "--weight-decay", "1e-3"]
+
+
+def _assert_weights_close(a: dict, b: dict, tol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=tol, atol=tol)
+
+
+def test_sgd_with_nesterov_momentum_matches_plain_pytorch(data_dir, tmp_path):
+    out = tmp_path / "sgd"
+    _train(out, data_dir, "--impl", "torch", *SGD_RUN)
+    expected = _plain_pytorch_run(data_dir, (784, 32, 10), lambda p: torch.optim.SGD(
+        p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, foreach=False), batch=16, epochs=2, keep_last=False)
+    _assert_weights_close(_weights(out), expected)
+    args = checkpoint.load(out / "checkpoint.pt")["args"]
+    assert (args["optimizer"], args["momentum"], args["nesterov"]) == ("sgd", 0.9, True)
+
+
+def test_fused_sgd_matches_plain_pytorch(data_dir, tmp_path):
+    if not hasattr(kernels, "FusedSGD"):
+        pytest.skip("kernels.FusedSGD has not landed yet")
+    out = tmp_path / "sgd"
+    _train(out, data_dir, "--impl", "fused", *SGD_RUN)
+    expected = _plain_pytorch_run(data_dir, (784, 32, 10), lambda p: torch.optim.SGD(
+        p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, foreach=False), batch=16, epochs=2, keep_last=False)
+    _assert_weights_close(_weights(out), expected, tol=1e-4)
+
+
+def test_keep_last_batch_trains_on_every_image_like_a_dataloader(data_dir, tmp_path, capsys):
+    out = tmp_path / "keep"
+    _train(out, data_dir, "--impl", "torch", "--batch-size", "24", "--keep-last-batch", "--hidden", "",
+           "--normalize", "unit", "--optimizer", "adam")
+    printed = capsys.readouterr().out
+    assert "11 steps of 24 per epoch (the last one partial)" in printed  # 256 = 10 x 24 + 16
+    assert "model: MLP 784-10 (no hidden layer)" in printed
+    expected = _plain_pytorch_run(data_dir, (784, 10), lambda p: torch.optim.Adam(p, lr=3e-3, foreach=False),
+                                  batch=24, epochs=2, keep_last=True, normalization="unit")
+    _assert_weights_close(_weights(out), expected)
+
+
+def test_normalization_is_recorded_and_used_by_evaluate_and_predict(data_dir, tmp_path, capsys):
+    out = tmp_path / "unit"
+    metrics = _train(out, data_dir, "--normalize", "unit")
+    assert checkpoint.load(out / "checkpoint.pt")["args"]["normalize"] == "unit"
+    d = datasets.load("mnist", data_dir, normalization="unit")
+    assert 0 <= d.train_x.min() and d.train_x.max() <= 1
+    torch.testing.assert_close(datasets.load("mnist", data_dir, normalization="none").train_x, d.train_x * 255)
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--device", "cpu"]) == 0
+    assert f"accuracy:   {100 * metrics['epochs'][-1]['test_accuracy']:.2f}%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra", [[], ["--impl", "torch", "--optimizer", "sgd", "--momentum", "0.5", "--keep-last-batch",
+                                        "--batch-size", "24", "--normalize", "none", "--lr", "1e-4"]])
+def test_resume_keeps_the_run_settings(data_dir, tmp_path, extra, capsys):
+    whole, half = tmp_path / "whole", tmp_path / "half"
+    _train(whole, data_dir, *extra)
+    _train(half, data_dir, *extra, "--epochs", "1")
+    assert train.main(["--resume", str(half / "checkpoint.pt"), "--epochs", "2", "--quiet"]) == 0
+    _assert_weights_close(_weights(half), _weights(whole), tol=0)
+    if extra:
+        assert train.main(["--resume", str(half / "checkpoint.pt"), "--epochs", "3", "--momentum", "0.9"]) == 2
+        assert "--momentum 0.9 does not match the checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "-1"], "--lr: must be a finite number >= 0"),
+    (["--lr", "nan"], "--lr: must be a finite number >= 0"),
+    (["--weight-decay", "-1"], "--weight-decay: must be a finite number >= 0"),
+    (["--momentum", "inf"], "--momentum: must be a finite number >= 0"),
+    (["--epochs", "0"], "--epochs: must be at least 1"),
+    (["--batch-size", "x"], "--batch-size: expected a whole number"),
+])
+def test_bad_values_are_rejected_when_parsing(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--momentum", "0.9"], "--momentum and --nesterov are options of --optimizer sgd, not of adam"),
+    (["--optimizer", "sgd", "--nesterov"], "--nesterov needs a --momentum above 0"),
+])
+def test_sgd_options_need_sgd(data_dir, tmp_path, argv, message, capsys):
+    assert train.main([*RUN, "--data-dir", str(data_dir), "--out", str(tmp_path / "o"), *argv]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_an_existing_run_is_not_overwritten(runs, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(out, data_dir, "--epochs", "1")
+    before = (out / "checkpoint.pt").read_bytes()
+    assert train.main([*RUN, "--data-dir", str(data_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} already holds a run" in err and f"--resume {out / 'checkpoint.pt'}" in err and "--overwrite" in err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    metrics = _train(out, data_dir, "--overwrite")
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    _assert_weights_close(_weights(out), _weights(runs["fused"]), tol=0)
+
+
+def test_resume_with_no_epochs_left_says_so(runs, capsys):
+    ckpt = runs["fused"] / "checkpoint.pt"
+    for argv in (["--epochs", "1"], ["--epochs", "2"], []):
+        assert train.main(["--resume", str(ckpt), "--quiet", *argv]) == 2
+        err = capsys.readouterr().err
+        assert f"nothing to train: the checkpoint {ckpt} has already trained 2 epochs" in err
+        assert "pass --epochs above 2" in err
+
+
+def test_one_epoch_is_singular(data_dir, tmp_path, capsys):
+    _train(tmp_path / "one", data_dir, "--epochs", "1")
+    assert "after 1 epoch;" in capsys.readouterr().out
+
+
+def test_ctrl_c_while_torch_imports_exits_quietly(data_dir, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "ffnn.train", *RUN, "--data-dir", str(data_dir),
+                             "--out", str(tmp_path / "o")], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # importing torch alone takes longer
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == train.INTERRUPTED and stderr == "" and stdout == ""
+    assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_while_the_data_loads_exits_with_130(data_dir, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets, "load", interrupted)
+    assert train.main([*RUN, "--data-dir", str(data_dir), "--out", str(tmp_path / "o")]) == train.INTERRUPTED
+    assert capsys.readouterr().err == "ffnn-train: interrupted\n"
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+def _damaged_copy(runs, tmp_path, damage) -> Path:
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(damage(bytearray((runs["fused"] / "checkpoint.pt").read_bytes())))
+    return path
+
+
+def _flip_in_payload(data: bytearray) -> bytearray:
+    """Flip one byte of the stored payload (torch.save keeps tensor data uncompressed, in a zip
+    record after its name and a header of under 100 bytes)."""
+    data[data.find(b"/data/0") + 400] ^= 0xFF
+    return data
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:0], "is damaged (the file is empty)"),
+    (lambda b: b[: len(b) // 2], "is damaged (PyTorch cannot read it: it is truncated"),
+    (lambda b: bytearray(b"hello, not a checkpoint\n"), "is not a checkpoint of ffnn.train nor a PyTorch state_dict"),
+    (_flip_in_payload, "is damaged (its contents do not match the checksum stored with them)"),
+])
+def test_damaged_checkpoints_are_named_in_a_clear_error(runs, tmp_path, capsys, damage, message):
+    path = _damaged_copy(runs, tmp_path, damage)
+    with pytest.raises(FFNNError, match=re.escape(message)) as e:
+        checkpoint.load(path)
+    assert str(path) in str(e.value)
+    assert evaluate.main(["--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and message in err
+
+
+def test_checkpoint_files_follow_the_umask_and_partial_saves_are_cleaned(runs, data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / ".checkpoint.pt.12345-deadbeef.tmp"  # what a save killed mid-write leaves
+    stale.write_bytes(b"half a checkpoint")
+    other = out / "notes.tmp"
+    other.write_text("not ours")
+    previous = os.umask(0o027)
+    try:
+        _train(out, data_dir, "--epochs", "1")
+    finally:
+        os.umask(previous)
+    assert not stale.exists() and other.exists()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.name != "notes.tmp"}
+    assert modes["checkpoint.pt"] == modes["metrics.json"] == 0o640, modes
+
+
 # --- evaluate and predict --------------------------------------------------------------------
 
 def test_evaluate_prints_accuracy_per_class_and_writes_the_confusion_matrix(runs, tmp_path, capsys):
@@ -383,7 +657,23 @@ def test_predict_a_test_image_and_image_files(runs, data_dir, tmp_path, capsys):
     Image.fromarray((255 - pixels).numpy()).convert("RGB").resize((84, 84)).save(big)
     assert predict.main(["--checkpoint", ckpt, str(big)]) == 0
     out = capsys.readouterr().out
-    assert "84x84 grayscale, resized to 28x28, inverted to light-on-dark" in out and "predicted:" in out
+    assert "84x84 RGB, converted to grayscale, resized to 28x28, inverted to light-on-dark" in out
+    assert "predicted:" in out
+
+
+def test_predict_pads_a_non_square_image_instead_of_stretching_it(tmp_path):
+    from PIL import Image
+
+    wide = torch.full((20, 40), 10, dtype=torch.uint8)  # a dark 40x20 picture with a bright square in the middle
+    wide[5:15, 15:25] = 250
+    path = tmp_path / "wide.png"
+    Image.fromarray(wide.numpy()).save(path)
+    pixels, notes = predict.read_image(path)
+    assert notes == "40x20 grayscale, padded to 40x40, resized to 28x28"
+    rows, cols = (pixels > 128).nonzero().unbind(1)
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert abs(int(height) - int(width)) <= 1 and 6 <= int(width) <= 8  # still square: 10 px of 40 -> 7 of 28
+    assert int(pixels[0].float().mean()) < 20  # the padding took the background's colour
 
 
 def test_predict_rejects_a_file_that_is_not_an_image(runs, tmp_path, capsys):
@@ -394,11 +684,16 @@ def test_predict_rejects_a_file_that_is_not_an_image(runs, tmp_path, capsys):
     assert err.startswith("ffnn-predict: error:") and "is not an image file" in err and str(notes) in err
 
 
-def test_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
-    bogus = tmp_path / "ckpt.pt"
-    bogus.write_text("hello")
-    assert predict.main(["--checkpoint", str(bogus), "--index", "0"]) == 2
-    assert "is not a PyTorch checkpoint" in capsys.readouterr().err
+def test_evaluate_needs_only_the_test_files(runs, data_dir, tmp_path, monkeypatch, capsys):
+    def must_not_download(dataset, directory, files):
+        raise AssertionError(f"downloaded {files}")
+
+    monkeypatch.setattr(datasets, "_torchvision_download", must_not_download)
+    for name in datasets.SPLIT_FILES["test"]:
+        (tmp_path / name).write_bytes((data_dir / name).read_bytes())
+    assert evaluate.main(["--checkpoint", str(runs["fused"] / "checkpoint.pt"), "--data-dir", str(tmp_path),
+                          "--out", str(tmp_path / "cm.png")]) == 0
+    assert "accuracy:" in capsys.readouterr().out
 
 
 # --- GPU -------------------------------------------------------------------------------------
