@@ -1,23 +1,51 @@
 """Builds the C++ CPU kernels in csrc/ into the extension module kernels._C.
 
+Build requirement: pybind11 >= 2.11 (pyproject.toml's build-system; pip installs it in its
+isolated build environment, but with ``--no-build-isolation`` it must already be installed).
+
 The extension does not link against libtorch: tensors cross as raw data pointers whose
 shapes, dtypes and strides the Python layer has already checked. Each kernel is compiled
 for AVX-512, AVX2+FMA and portable x86-64 in the same object (see csrc/common.h) and the
 variant is picked at run time, so the default build never uses -march=native.
+
+The sources compile in parallel, one compiler per core (``NPY_NUM_BUILD_JOBS=N`` sets the
+number), the kernels at -O3 and the module definition, which holds no kernel, at -O1.
 """
 import glob
 import os
-
 import shutil
+import sys
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+
+try:
+    from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
+except ImportError:
+    sys.exit("error: building the C++ extension kernels._C needs pybind11 >= 2.11, which is not installed. "
+             "Install it (`pip install pybind11`) or let pip build in an isolated environment "
+             "(leave out --no-build-isolation).")
+
+# Sources without kernel code: -O3 buys them nothing but compile time.
+NO_KERNEL_CODE = {"bindings.cpp"}
 
 
 class BuildExt(build_ext):
-    """Copies the built module into the source tree by rename, not by overwriting: a Python
-    process that has kernels._C loaded keeps its mapped file, so rebuilding while tests run
-    never crashes them."""
+    """Compiles the sources without kernel code at -O1; copies the built module into the
+    source tree by rename, not by overwriting: a Python process that has kernels._C loaded
+    keeps its mapped file, so rebuilding while tests run never crashes them."""
+
+    def build_extensions(self):
+        # _compile(obj, src, ...) is the one-source step that distutils' compile loop, and
+        # pybind11's parallel one, call per file: the place for a per-file flag.
+        compile_one = self.compiler._compile
+
+        def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            if os.path.basename(src) in NO_KERNEL_CODE:
+                extra_postargs = [*extra_postargs, "-O1"]  # the last -O on the command line wins
+            compile_one(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+        self.compiler._compile = _compile
+        super().build_extensions()
 
     def copy_file(self, src, dst, *args, **kwargs):
         if not (self.inplace and dst.endswith((".so", ".pyd"))):
@@ -27,6 +55,7 @@ class BuildExt(build_ext):
         shutil.copymode(src, tmp)
         os.replace(tmp, dst)
         return dst, True
+
 
 extra_compile_args = ["-O3", "-fopenmp", "-Wno-psabi", "-fno-math-errno"]
 if os.environ.get("KERNELS_NATIVE") == "1":  # opt-in for a local build tuned to this CPU
@@ -44,4 +73,5 @@ ext_modules = [
     )
 ]
 
+ParallelCompile("NPY_NUM_BUILD_JOBS").install()
 setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})
