@@ -19,7 +19,6 @@
 #include <sys/mman.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -75,60 +74,6 @@ KERNELS_INLINE Vec<T, VB> vexp(Vec<T, VB> x) {
   for (int k = 1; k <= K::degree; ++k) p = p * r + K::poly[k];
   const V two_to_n = (V)((VI)shifted << K::mantissa_bits);
   return x < K::min_x ? V{} : p * two_to_n;
-}
-
-// Horizontal max and sum, halving the vector (GCC turns the halves into extracts).
-template <class T, int VB>
-KERNELS_INLINE T hmax(Vec<T, VB> v) {
-  if constexpr (VB > 16) {
-    Vec<T, VB / 2> lo, hi;
-    std::memcpy(&lo, &v, VB / 2);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + VB / 2, VB / 2);
-    return hmax<T, VB / 2>(lo > hi ? lo : hi);
-  } else {
-    T m = v[0];
-    for (int l = 1; l < lanes<T, VB>; ++l) m = v[l] > m ? v[l] : m;
-    return m;
-  }
-}
-
-template <class T, int VB>
-KERNELS_INLINE T hsum(Vec<T, VB> v) {
-  if constexpr (VB > 16) {
-    Vec<T, VB / 2> lo, hi;
-    std::memcpy(&lo, &v, VB / 2);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + VB / 2, VB / 2);
-    return hsum<T, VB / 2>(lo + hi);
-  } else {
-    T s = 0;
-    for (int l = 0; l < lanes<T, VB>; ++l) s += v[l];
-    return s;
-  }
-}
-
-template <class T, int VB>
-KERNELS_INLINE Vec<T, VB> vmax(Vec<T, VB> a, Vec<T, VB> b) {
-  return a > b ? a : b;
-}
-
-// The first n elements at p (all lanes when n >= lanes, none when n <= 0), fill elsewhere;
-// nothing past p + n is touched. The lane loops compile to one masked move per lane (AVX-512's
-// masked loads and stores, via intrinsics, were measured at only 15 % faster on 10-class rows).
-template <class T, int VB>
-KERNELS_INLINE Vec<T, VB> vload_upto(const T* p, int64_t n, T fill) {
-  constexpr int L = lanes<T, VB>;
-  if (n >= L) return vload<T, VB>(p);
-  Vec<T, VB> v;
-  for (int l = 0; l < L; ++l) v[l] = l < n ? p[l] : fill;
-  return v;
-}
-
-template <class T, int VB>
-KERNELS_INLINE void vstore_upto(T* p, Vec<T, VB> v, int64_t n) {
-  constexpr int L = lanes<T, VB>;
-  if (n >= L) return vstore<T, VB>(p, v);
-  for (int l = 0; l < L; ++l)
-    if (l < n) p[l] = v[l];
 }
 
 // ---------------------------------------------------------------------------------------
@@ -387,7 +332,7 @@ void cross_entropy_scale_grad(const std::string& dtype, uintptr_t grad, uintptr_
   });
 }
 
-const Register registration([](py::module_& m) {
+static const Register registration([](py::module_& m) {
   m.def("cross_entropy_forward", &cross_entropy_forward, py::call_guard<py::gil_scoped_release>(),
         "Softmax cross-entropy of (N, C) logits: writes the loss (N values for reduction 0 = none, one for "
         "1 = sum, 2 = mean) and, when grad != 0, dloss/dlogits for that reduction. Returns -1, or the first "

@@ -73,14 +73,6 @@ KERNELS_INLINE V activation_grad(V dy, V y) {
   else return dy;
 }
 
-// The first n (< lanes) entries at p, zeros after them; reads nothing past p + n.
-template <class T, int VB>
-KERNELS_INLINE Vec<T, VB> load_partial(const T* p, int n) {
-  Vec<T, VB> v{};
-  for (int l = 0; l < n; ++l) v[l] = p[l];
-  return v;
-}
-
 // ---------------------------------------------------------------------------------------
 // Forward: MR x NR dot products per micro-tile, vectors along k.
 
@@ -147,8 +139,8 @@ KERNELS_INLINE void forward_tile(const T* x, const T* w, const Vec<T, VB>* bias,
   }
   if (k_full < K) {  // the last K % L entries, zero-padded
     V xv[MR], wv[NR];
-    for (int i = 0; i < MR; ++i) xv[i] = load_partial<T, VB>(xr[i] + k_full, int(K - k_full));
-    for (int j = 0; j < NR; ++j) wv[j] = load_partial<T, VB>(wr[j] + k_full, int(K - k_full));
+    for (int i = 0; i < MR; ++i) xv[i] = vload_upto<T, VB>(xr[i] + k_full, K - k_full, T(0));
+    for (int j = 0; j < NR; ++j) wv[j] = vload_upto<T, VB>(wr[j] + k_full, K - k_full, T(0));
     for (int j = 0; j < NR; ++j)
       for (int i = 0; i < MR; ++i) acc[i * NR + j] += xv[i] * wv[j];
   }
