@@ -1,43 +1,43 @@
 """The benchmark harness every op uses: timing, a results table, and its JSON, markdown and
-plot under benchmarks/results/.
+plot (the committed tables in benchmarks/results/, an ad-hoc run's in a scratch directory).
 
 Each benchmarks/bench_<op>.py defines ``run(device, quick) -> Results``: it times ours and the
-peers on the same inputs in the same process and records each as one row of a case.
+peers on the same inputs in the same process and records each as one row of a case. Every
+table names the machine it was measured on (on a CPU: model, cores, the C++ kernels' SIMD path
+and the thread count, all of which move the figures).
 """
 from __future__ import annotations
 
 import datetime
 import json
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from ffnn.cli import cpu_model, machine_summary
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the committed tables
+SCRATCH_DIR = Path("runs") / "benchmarks"  # an ad-hoc run's tables
 OURS = "ours"
+# Seconds of timed calls per row: a full run, and a --quick one (a smoke run, figures rougher).
+MIN_TIME = {"full": 0.5, "quick": 0.05}
+_mode = "full"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+def set_quick(quick: bool) -> None:
+    """Time every row of this process's benchmarks for ``MIN_TIME["quick"]`` seconds instead of the full time."""
+    global _mode
+    _mode = "quick" if quick else "full"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def bench(fn: Callable[[], object], device: torch.device, *, min_time: float = 0.5) -> float:
+def bench(fn: Callable[[], object], device: torch.device, *, min_time: float | None = None) -> float:
     """Median seconds per call of ``fn``: CUDA via triton.testing.do_bench (which flushes L2
-    between calls), CPU via torch.utils.benchmark with PyTorch's thread count."""
+    between calls), CPU via torch.utils.benchmark with PyTorch's thread count; ``min_time``
+    seconds of calls at least (default: ``MIN_TIME`` of the run's mode)."""
+    if min_time is None:
+        min_time = MIN_TIME[_mode]
     if device.type == "cuda":
         import triton.testing
 
@@ -67,8 +67,10 @@ class Results:
 
     def __post_init__(self):
         dev = torch.device(self.device)
-        self.meta.setdefault("device_name", device_name(dev) if dev.type == "cuda" else _cpu_model())
+        self.meta.setdefault("device_name", torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model())
+        self.meta.setdefault("machine", machine_summary())
         self.meta.setdefault("threads", torch.get_num_threads())
+        self.meta.setdefault("mode", _mode)
         self.meta.setdefault("torch", torch.__version__)
         try:
             import triton
@@ -85,7 +87,7 @@ class Results:
         self.rows.append(Row(case, impl, seconds, rate, unit, note))
 
     def time(self, case: str, impl: str, fn: Callable[[], object], *, work: float | None = None,
-             unit: str = "", scale: float = 1.0, min_time: float = 0.5) -> float | None:
+             unit: str = "", scale: float = 1.0, min_time: float | None = None) -> float | None:
         """Time ``fn`` and record it; an impl that raises is recorded as not run, with the error."""
         try:
             fn()  # compile / warm up before timing
@@ -108,8 +110,8 @@ class Results:
             f"# {self.op} on {m['device_name']} ({self.device})",
             "",
             f"{m['date']}, torch {m['torch']}" + (f", triton {m['triton']}" if "triton" in m else "")
-            + f", {m['threads']} CPU threads. Median time per {m.get('per', 'call')}; `ours faster by` = peer time / ours"
-            " (above 1: ours is faster).",
+            + f"; machine: {m['machine']}" + (" (a --quick run: rough figures)" if m.get("mode") == "quick" else "")
+            + f". Median time per {m.get('per', 'call')}; `ours faster by` = peer time / ours (above 1: ours is faster).",
             "",
             "| case | impl | time | rate | ours faster by |",
             "|---|---|---:|---:|---:|",
@@ -123,7 +125,7 @@ class Results:
                 lines.append(f"| {case} | {r.impl} | {t} | {rate} | {ratio} |")
         return "\n".join(lines) + "\n"
 
-    def save(self, out_dir: Path = RESULTS_DIR) -> list[Path]:
+    def save(self, out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = out_dir / f"{self.op}_{torch.device(self.device).type}"
         paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]

@@ -713,3 +713,42 @@ def test_cuda_graph_step_matches_eager_and_resumes_exactly(data_dir, tmp_path, i
     assert train.main(["--resume", str(half / "checkpoint.pt"), "--epochs", "2", "--quiet"]) == 0
     resumed = _weights(half)
     assert all(torch.equal(resumed[k], runs["graph"][k]) for k in resumed)
+
+
+# --- set-up and benchmarks -------------------------------------------------------------------
+
+def test_building_without_pybind11_says_what_to_install():
+    """`pip install --no-build-isolation` runs setup.py in an environment that may lack pybind11."""
+    hide_pybind11 = ("import sys; sys.modules['pybind11'] = None; sys.argv = ['setup.py', '--version']; "
+                     "exec(compile(open('setup.py').read(), 'setup.py', 'exec'))")
+    result = subprocess.run([sys.executable, "-c", hide_pybind11], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "needs pybind11 >= 2.11, which is not installed" in result.stderr
+    assert "pip install pybind11" in result.stderr
+
+
+def test_benchmark_results_go_to_a_scratch_directory_unless_update(tmp_path, monkeypatch):
+    from benchmarks import bench_adam, harness, run as bench_run
+
+    def one_row(device, quick):
+        results = harness.Results("adam", str(device))
+        results.time("tiny", harness.OURS, lambda: None)
+        assert quick and harness.MIN_TIME["quick"] < harness.MIN_TIME["full"]
+        return results
+
+    committed = tmp_path / "committed"
+    monkeypatch.setattr(bench_adam, "run", one_row)
+    monkeypatch.setattr(harness, "RESULTS_DIR", committed)
+    monkeypatch.chdir(tmp_path)
+    assert bench_run.main(["--ops", "adam", "--device", "cpu", "--quick"]) == 0
+    scratch = tmp_path / harness.SCRATCH_DIR
+    assert sorted(p.name for p in scratch.iterdir()) == ["adam_cpu.json", "adam_cpu.md", "adam_cpu.png"]
+    assert not committed.exists()
+    table = (scratch / "adam_cpu.md").read_text()
+    assert "machine: " in table and " cores, " in table and " threads" in table and "--quick run" in table
+    with pytest.raises(SystemExit):
+        bench_run.main(["--ops", "adam", "--device", "cpu", "--quick", "--update"])
+    monkeypatch.setattr(bench_adam, "run", lambda device, quick: one_row(device, True))
+    assert bench_run.main(["--ops", "adam", "--device", "cpu", "--update"]) == 0
+    assert sorted(p.name for p in committed.iterdir()) == ["adam_cpu.json", "adam_cpu.md", "adam_cpu.png"]
