@@ -1,7 +1,7 @@
 // Fused Linear + bias + activation on the CPU: y = act(x W^T + b) and its backward.
 //
 //   forward   z[m,n] = sum_k x[m,k] W[n,k] + b[n],   y = act(z)
-//   backward  dz = dy * act'(y)      (relu: y > 0, sigmoid: y (1 - y), tanh: 1 - y^2, none: 1)
+//   backward  dz = dy * act'(y)      (relu: y > 0 or NaN, sigmoid: y (1 - y), tanh: 1 - y^2, none: 1)
 //             dx = dz W,   dW = dz^T x,   db = sum_m dz[m, :]
 //
 // x (M, K), W (N, K), y and dy (M, N) are contiguous row-major. Every GEMM here is written
@@ -51,8 +51,8 @@ void dispatch_activation(Act a, F&& f) {
 
 template <Act A, class T, int VB>
 KERNELS_INLINE Vec<T, VB> activate(Vec<T, VB> z) {
-  if constexpr (A == Act::relu) {
-    return z > T(0) ? z : T(0);
+  if constexpr (A == Act::relu) {  // torch.relu's rule: NaN and -0.0 pass through
+    return z < T(0) ? T(0) : z;
   } else if constexpr (A == Act::sigmoid) {
     for (int i = 0; i < lanes<T, VB>; ++i) z[i] = T(1) / (T(1) + std::exp(-z[i]));
     return z;
@@ -64,11 +64,13 @@ KERNELS_INLINE Vec<T, VB> activate(Vec<T, VB> z) {
   }
 }
 
-// dz = dy * act'(z), written with the activation's output y; V is T or Vec<T, VB>.
+// dz = dy * act'(z), written with the activation's output y as torch's threshold_backward,
+// sigmoid_backward and tanh_backward compute it (so a NaN output passes its gradient through
+// ReLU); V is T or Vec<T, VB>.
 template <Act A, class T, class V>
 KERNELS_INLINE V activation_grad(V dy, V y) {
-  if constexpr (A == Act::relu) return y > T(0) ? dy : T(0);
-  else if constexpr (A == Act::sigmoid) return dy * y * (T(1) - y);
+  if constexpr (A == Act::relu) return y <= T(0) ? T(0) : dy;
+  else if constexpr (A == Act::sigmoid) return dy * (T(1) - y) * y;
   else if constexpr (A == Act::tanh) return dy * (T(1) - y * y);
   else return dy;
 }
@@ -170,7 +172,7 @@ KERNELS_INLINE void forward_block_impl(const T* x, const T* w, const T* b, T* y,
   using V = Vec<T, VB>;
   constexpr int L = lanes<T, VB>;
   constexpr int MR = ForwardTile<T, VB>::MR, NR = ForwardTile<T, VB>::NR, G = (MR * NR + L - 1) / L;
-  const int64_t mc = std::max<int64_t>(MR, (int64_t(1) << 18) / int64_t(sizeof(T) * K) / MR * MR);
+  const int64_t mc = std::max<int64_t>(MR, (int64_t(1) << 18) / int64_t(sizeof(T) * std::max<int64_t>(K, 1)) / MR * MR);
   for (int64_t mb = m_begin; mb < m_end; mb += mc) {
     const int64_t me = std::min(m_end, mb + mc);
     for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
@@ -345,7 +347,7 @@ KERNELS_INLINE void grad_input_impl(const T* dy, const T* y, const T* w, T* dx, 
   std::vector<T> panels((R + MR - 1) / MR * MR * N);
   for (int64_t r0 = 0; r0 < R; r0 += MR) {
     const int64_t at = (m_begin + r0) * N;
-    pack_dz_rows<A, MR>(dy + at, y ? y + at : nullptr, N, int(std::min<int64_t>(MR, R - r0)), &panels[r0 * N]);
+    pack_dz_rows<A, MR>(dy + at, y ? y + at : nullptr, N, int(std::min<int64_t>(MR, R - r0)), panels.data() + r0 * N);
   }
   gemm_panels<true, VB>(panels.data(), N, w, K, dx + m_begin * K, R);
 }
@@ -360,7 +362,7 @@ KERNELS_INLINE void grad_weight_impl(const T* dy, const T* y, const T* x, T* dw,
   std::vector<T> panels((R + MR - 1) / MR * MR * M);
   for (int64_t r0 = 0; r0 < R; r0 += MR) {
     const int64_t n0 = n_begin + r0;
-    pack_dz_columns<A, MR>(dy + n0, y ? y + n0 : nullptr, M, N, int(std::min<int64_t>(MR, R - r0)), &panels[r0 * M],
+    pack_dz_columns<A, MR>(dy + n0, y ? y + n0 : nullptr, M, N, int(std::min<int64_t>(MR, R - r0)), panels.data() + r0 * M,
                            db ? db + n0 : nullptr);
   }
   if (dw) gemm_panels<false, VB>(panels.data(), M, x, K, dw + n_begin * K, R);

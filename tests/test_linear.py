@@ -177,6 +177,46 @@ def test_empty_batch(backend):
     assert kernels.linear(torch.randn(2, 0, 5, device=backend.device), w, b).shape == (2, 0, 3)
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("shape", [(3, 0, 4), (0, 5, 3), (3, 5, 0), (0, 0, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_cpp_zero_sized_dimensions(shape, activation):
+    """in_features = 0 gives act(bias) broadcast over the batch (it divided by K: SIGFPE); an empty
+    batch or no output features leave zero gradients, as PyTorch's (the empty batch's backward
+    took a reference into an empty vector, which -D_GLIBCXX_ASSERTIONS turns into an abort)."""
+    kernels.set_backend("cpu")
+    x, w, b = make(*shape, device="cpu")
+    check_against_nn(x, w, b, activation)
+
+
+# z values where the activations' special cases live: NaN, +-inf, signed zeros, saturation.
+SPECIAL_Z = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3.0, -3.0, 20.0, -20.0, 100.0, -100.0, 1e-3]
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpp_nan_and_inf_as_torch(cpu_isa, dtype, activation):
+    """Every SIMD variant gives torch's results where z or dy is NaN or infinite: relu(NaN) = NaN,
+    and relu's backward is threshold_backward's (y <= 0 ? 0 : dy, so a NaN output passes dy)."""
+    z = torch.tensor(SPECIAL_Z * 3, dtype=dtype)
+    N = 19  # two vectors and a ragged tail of columns, all equal to z
+    x, w = z[:, None], torch.ones(N, 1, dtype=dtype)
+    dy = torch.randn(len(z), N, dtype=dtype)
+    dy[1::7, 2::5] = float("inf")
+    dy[3::11, 1::6] = float("nan")
+
+    def run(fn):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, torch.zeros(N, dtype=dtype)))
+        y = fn(xs, ws, bs)
+        y.backward(dy)
+        return y.detach(), xs.grad, ws.grad, bs.grad
+
+    ours = run(lambda x, w, b: kernels.linear(x, w, b, activation))
+    theirs = run(lambda x, w, b: ACTIVATIONS[activation]()(F.linear(x, w, b)))
+    for name, got, want in zip(("y", "dx", "dW", "db"), ours, theirs):
+        torch.testing.assert_close(got, want, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
 def test_saves_only_the_output(backend):
     """The forward saves y for relu/sigmoid/tanh and no (M, N) tensor for "none"."""
     x, w, b = make(8, 6, 5, device=backend.device)
