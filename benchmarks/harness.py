@@ -23,6 +23,9 @@ SCRATCH_DIR = Path("runs") / "benchmarks"  # an ad-hoc run's tables
 OURS = "ours"
 # Seconds of timed calls per row: a full run, and a --quick one (a smoke run, figures rougher).
 MIN_TIME = {"full": 0.5, "quick": 0.05}
+# Peers whose first call compiles (seconds to tens of seconds per case on a CPU, most of a
+# --quick run's time): a --quick run records them as not timed.
+COMPILING_PEERS = ("torch.compile",)
 _mode = "full"
 
 
@@ -89,6 +92,9 @@ class Results:
     def time(self, case: str, impl: str, fn: Callable[[], object], *, work: float | None = None,
              unit: str = "", scale: float = 1.0, min_time: float | None = None) -> float | None:
         """Time ``fn`` and record it; an impl that raises is recorded as not run, with the error."""
+        if _mode == "quick" and impl in COMPILING_PEERS:
+            self.add(case, impl, None, note="not timed in a --quick run")
+            return None
         try:
             fn()  # compile / warm up before timing
             seconds = bench(fn, torch.device(self.device), min_time=min_time)

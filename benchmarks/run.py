@@ -2,8 +2,9 @@
 
 Prints each op's table and writes JSON, markdown and a plot per op: into runs/benchmarks/ (a
 scratch directory) by default, into the committed benchmarks/results/ only with --update, or
-wherever --out says. --quick (a smoke run of about a minute on the CPU) runs fewer and smaller
-cases and times each for less, so its figures are rough: it cannot --update.
+wherever --out says. --quick, a smoke run, runs fewer and smaller cases, times each for less and
+leaves out the peers that must compile first (torch.compile), so its figures are rough and
+incomplete: it cannot --update.
 """
 from __future__ import annotations
 

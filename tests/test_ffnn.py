@@ -734,6 +734,7 @@ def test_benchmark_results_go_to_a_scratch_directory_unless_update(tmp_path, mon
     def one_row(device, quick):
         results = harness.Results("adam", str(device))
         results.time("tiny", harness.OURS, lambda: None)
+        results.time("tiny", "torch.compile", lambda: None)
         assert quick and harness.MIN_TIME["quick"] < harness.MIN_TIME["full"]
         return results
 
@@ -747,6 +748,7 @@ def test_benchmark_results_go_to_a_scratch_directory_unless_update(tmp_path, mon
     assert not committed.exists()
     table = (scratch / "adam_cpu.md").read_text()
     assert "machine: " in table and " cores, " in table and " threads" in table and "--quick run" in table
+    assert "| tiny | torch.compile | n/a (not timed in a --quick run) |" in table
     with pytest.raises(SystemExit):
         bench_run.main(["--ops", "adam", "--device", "cpu", "--quick", "--update"])
     monkeypatch.setattr(bench_adam, "run", lambda device, quick: one_row(device, True))
