@@ -28,6 +28,7 @@ from kernels._dispatch import backend_for, get_backend, set_backend, use_backend
 from kernels.ops.adam import FusedAdam, FusedAdamW  # noqa: E402
 from kernels.ops.cross_entropy import FusedCrossEntropyLoss, cross_entropy  # noqa: E402
 from kernels.ops.linear import ACTIVATIONS, FusedLinear, linear  # noqa: E402
+from kernels.ops.sgd import FusedSGD  # noqa: E402
 
 try:
     __version__ = _metadata.version("ffnn-fused-kernels")
@@ -46,4 +47,5 @@ __all__ = [
     "FusedCrossEntropyLoss",
     "FusedAdam",
     "FusedAdamW",
+    "FusedSGD",
 ]

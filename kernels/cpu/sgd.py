@@ -1,0 +1,16 @@
+"""FusedSGD's CPU backend: csrc/sgd.cpp's step over a group's table in a host array (the same
+table as Adam's, with the rows of kernels/ops/param_table.py's SGD_LAYOUT). The step clears the
+first_step flags of the rows it has run."""
+from __future__ import annotations
+
+from kernels.cpu import extension, num_threads
+from kernels.cpu.adam import Table, table
+
+__all__ = ["Table", "table", "step"]
+
+
+def step(table: Table, lr, momentum: float, dampening: float, weight_decay, *, nesterov: bool,
+         maximize: bool) -> None:
+    """One SGD step of the table's tensors (torch.optim.SGD's rule)."""
+    extension().sgd_step(table.dtype, table.address, table.count, float(lr), float(momentum), float(dampening),
+                         float(weight_decay), nesterov, maximize, num_threads())

@@ -1,0 +1,416 @@
+"""What FusedAdam and FusedSGD share: the table of tensors that a parameter group's step walks,
+when that table is rebuilt, and the optimizer base class that keeps the tables and launches.
+
+A fused step updates all the tensors of a parameter group with one kernel launch per parameter
+dtype. The launch reads a *table*: one row of int64 fields per parameter that has a gradient, in
+the order of the optimizer's layout (``ADAM_LAYOUT``, ``SGD_LAYOUT``): addresses of the parameter,
+its gradient and its state tensors (0 for an absent one), flags, and last its number of elements.
+The layouts are defined here only: kernels/triton/<op>.py reads fields by their positions here,
+csrc/<op>.cpp restates them as an enum and exports the names, which the tests compare. Complex
+parameters, their gradients and states enter as their ``torch.view_as_real`` views, which is how
+torch.optim updates them.
+
+When a table is rebuilt (the invalidation rule). A group's table is reused while all of these
+hold, which the step checks before every launch (well under a microsecond per parameter):
+
+* the group is the same dict with the same ``params`` list, of the same length, and the options
+  that shape its rows (``table_options``, e.g. amsgrad) are unchanged;
+* ``optimizer.state`` is the same mapping, each parameter's state is the same dict, and every
+  state tensor in the table is still the tensor object stored under its key;
+* every parameter has the address and shape it had, and the same parameters have gradients;
+* every gradient is the same tensor object at the same address.
+
+When only gradients changed (new tensors, as after ``zero_grad(set_to_none=True)``), the rows are
+made again with the new gradients (states kept: ``table_builds`` counts it); otherwise the whole
+table is rebuilt: missing states are created as torch.optim creates them, present ones are
+checked against their parameter (a state of another shape raises, as torch.optim does when it
+reaches it). The table keeps a reference to every tensor it points to (a detached alias, which
+keeps the storage alive whatever is done to the Python object), so each address in it is alive
+and of the size it was checked for.
+
+Under CUDA graph capture no table may be built (it would copy rows to the device, and the graph
+must replay with the addresses it captured): a change there raises an error saying what changed.
+A gradient whose strides differ from its parameter's (a transposed or expanded ``.grad``) is
+copied, before every launch, into a buffer laid out like the parameter.
+"""
+from __future__ import annotations
+
+from itertools import chain
+from typing import NamedTuple
+
+import torch
+
+from kernels._dispatch import SUPPORTED_DTYPES, backend_for, dtype_names, implementation
+
+# The fields of one table row, per optimizer (see the module docstring). "numel" is always last:
+# the C++ walker (csrc/param_table.h) reads it there.
+ADAM_LAYOUT = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step", "numel")
+# first_step: 1 until the tensor's first momentum step (which sets the buffer to the gradient, as
+# torch.optim.SGD's clone does); the kernel that runs that step clears it in its own copy.
+SGD_LAYOUT = ("param", "grad", "momentum_buffer", "first_step", "numel")
+
+CURRENT, GRADIENTS, STALE = range(3)  # what GroupTable.changes finds
+
+
+class Entry(NamedTuple):
+    """One row of a table: its fields in layout order, and its tensors by field name (real views),
+    for the backends that take tensors rather than addresses."""
+
+    row: tuple[int, ...]
+    tensors: dict[str, torch.Tensor]
+
+
+def real(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the real tensor the kernels update: its view_as_real view if it is complex."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def real_dtype(t: torch.Tensor) -> torch.dtype:
+    return t.dtype.to_real() if t.is_complex() else t.dtype
+
+
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype of a parameter's state tensors: float32 for bfloat16/float16 parameters (on the
+    GPU), the parameter's own otherwise."""
+    return torch.float32 if param.dtype in (torch.bfloat16, torch.float16) else param.dtype
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Whether the elements of ``t`` fill numel consecutive slots in some dimension order
+    (contiguous, channels-last, transposed, ...): then an elementwise update can walk its memory flat."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def check_params(name: str, index: int, params: list, *, what: str) -> None:
+    """One device per group, floating (or complex) dtypes the group's backend computes in, dense
+    storage. ``what`` names the optimizer's kind ("Adam") in messages."""
+    if not params:
+        return
+    device = params[0].device
+    backend = backend_for(device)
+    for i, p in enumerate(params):
+        where = f"{name}: parameter {i} of group {index}"
+        if p.device != device:
+            raise ValueError(f"{where} is on {p.device} but parameter 0 is on {device}; "
+                             "put the parameters of each device in their own parameter group")
+        if not (p.is_floating_point() or p.is_complex()):
+            raise TypeError(f"{where} has dtype {p.dtype}; {what} optimizes floating-point (or complex) parameters only")
+        if backend in SUPPORTED_DTYPES and real_dtype(p) not in SUPPORTED_DTYPES[backend]:
+            raise TypeError(f"{where} has dtype {p.dtype}; the {backend} backend supports {dtype_names(backend)} "
+                            "(and the complex dtypes made of them)")
+        if p.layout != torch.strided or not dense(p):
+            raise ValueError(f"{where} must be a dense tensor without gaps or overlaps "
+                             f"(shape {tuple(p.shape)}, strides {p.stride()})")
+
+
+def check_state_shape(where: str, key: str, value: torch.Tensor, param: torch.Tensor) -> None:
+    """torch.optim fails on a state tensor of another shape than its parameter (a state_dict saved
+    for another model, a parameter replaced through ``.data``): so do we, before any kernel runs."""
+    if value.shape != param.shape:
+        raise RuntimeError(
+            f"{where}: its state {key!r} has shape {tuple(value.shape)} but the parameter has shape "
+            f"{tuple(param.shape)} (torch.optim fails here too: the size of tensor a ({value.numel()}) must "
+            f"match the size of tensor b ({param.numel()})). Load a state_dict saved for these parameters, "
+            "or clear the parameter's state (optimizer.state[p].clear()) to start it afresh")
+
+
+def _alias(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()
+
+
+class _Slot:
+    """What a table knows of one parameter of its group."""
+
+    __slots__ = ("param", "address", "shape", "grad", "grad_address", "state", "tensors", "fields", "keep")
+
+    def __init__(self, param: torch.Tensor):
+        self.param = param
+        self.grad = None  # the gradient (a tensor object) the rows were made with; None: no row
+
+
+class GroupTable:
+    """The tables of one parameter group: one backend table per parameter dtype, built by the
+    backend's ``table(entries, device)`` (kernels/{cpu,triton,reference}/<op>.py)."""
+
+    def __init__(self, optimizer: FusedOptimizer, index: int, group: dict):
+        name = type(optimizer).__name__
+        optimizer.check_hyperparameters(group)
+        self.group, self.params, self.num_params = group, group["params"], len(group["params"])
+        self.options = optimizer.table_options(group)
+        self.layout = optimizer.layout
+        self.state = optimizer.state
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self.backend = backend_for(self.device)
+        self.implementation = implementation(optimizer.op, self.backend)
+        self.cuda = self.device.type == "cuda"
+        self.slots: list[_Slot] = []
+        for i, p in enumerate(self.params):
+            slot = _Slot(p)
+            self.slots.append(slot)
+            if p.grad is None:
+                continue
+            where = f"{name}: parameter {i} of group {index}"
+            if p.device != self.device or (self.backend in SUPPORTED_DTYPES
+                                           and real_dtype(p) not in SUPPORTED_DTYPES[self.backend]):
+                raise ValueError(f"{where} became a {p.dtype} tensor on {p.device} after the first step on "
+                                 f"{self.device}; create the optimizer after moving or casting the model")
+            fields = optimizer.prepare_state(optimizer.state, p, group, where)
+            slot.address, slot.shape = p.data_ptr(), p.shape
+            slot.state = optimizer.state.get(p)
+            slot.tensors = tuple((key, slot.state[key]) for key, value in fields.items()
+                                 if isinstance(value, torch.Tensor))
+            slot.fields = fields
+            slot.keep = [_alias(p)] + [_alias(t) for _, t in slot.tensors]
+            self._set_grad(slot, p.grad, where)
+        self._make_rows()
+        optimizer.table_builds += 1
+
+    def changes(self, optimizer: FusedOptimizer, group: dict) -> tuple[int, str]:
+        """(CURRENT, "") if the tables still describe the group; else GRADIENTS (only gradients
+        changed) or STALE, and what changed first, in words."""
+        if group is not self.group or group["params"] is not self.params or len(self.params) != self.num_params:
+            return STALE, "the parameter group was replaced or its parameters changed"
+        if optimizer.table_options(group) != self.options:
+            return STALE, f"the group's options changed from {self.options} to {optimizer.table_options(group)}"
+        if optimizer.state is not self.state:
+            return STALE, "optimizer.state was replaced"
+        status, change = CURRENT, ""
+        states = self.state
+        for i, s in enumerate(self.slots):
+            p = s.param
+            g = p.grad
+            if s.grad is None:
+                if g is not None:
+                    return STALE, f"parameter {i} has a gradient now and had none"
+                continue
+            if g is None:
+                return STALE, f"the gradient of parameter {i} became None"
+            if p.data_ptr() != s.address or p.shape != s.shape:
+                return STALE, f"parameter {i} moved to address {p.data_ptr():#x} (shape {tuple(p.shape)})"
+            state = s.state
+            if states.get(p) is not state or any(state.get(key) is not t for key, t in s.tensors):
+                return STALE, f"the state of parameter {i} was replaced or cleared"
+            if status == CURRENT and (g is not s.grad or g.data_ptr() != s.grad_address):
+                status, change = GRADIENTS, (f"the gradient of parameter {i} is a new tensor at address "
+                                             f"{g.data_ptr():#x} (was {s.grad_address:#x})")
+        return status, change
+
+    def update_gradients(self, optimizer: FusedOptimizer, index: int) -> None:
+        """Makes the rows again for new gradient tensors (after changes() found GRADIENTS)."""
+        name = type(optimizer).__name__
+        for i, slot in enumerate(self.slots):
+            if slot.grad is not None:
+                self._set_grad(slot, slot.param.grad, f"{name}: parameter {i} of group {index}")
+        self._make_rows()
+        optimizer.table_builds += 1
+
+    def _set_grad(self, slot: _Slot, g: torch.Tensor, where: str) -> None:
+        p = slot.param
+        if g.is_sparse:
+            raise RuntimeError(f"{where.split(':')[0]} does not support sparse gradients (the gradient of "
+                               f"{where.split(': ')[1]} is sparse)")
+        if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
+            raise ValueError(f"{where}: its gradient is a {g.dtype} tensor of shape {tuple(g.shape)} on {g.device}; "
+                             f"the parameter is {p.dtype}, {tuple(p.shape)} on {p.device}")
+        slot.grad, slot.grad_address = g, g.data_ptr()
+
+    def _make_rows(self) -> None:
+        """The backend tables, one per parameter dtype, from the slots' current gradients."""
+        buckets: dict[torch.dtype, list[Entry]] = {}
+        self.grad_copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, gradient): copied before each launch
+        self.first_steps = False
+        layout = self.layout
+        for slot in self.slots:
+            g = slot.grad
+            if g is None:
+                continue
+            p = slot.param
+            if not laid_out_alike(p, g):
+                buffer = torch.empty_like(p, memory_format=torch.preserve_format)
+                self.grad_copies.append((buffer, g))
+                g = buffer
+            entry = make_entry(layout, p, g, slot.fields)
+            self.first_steps |= bool(slot.fields.get("first_step"))
+            buckets.setdefault(entry.tensors["param"].dtype, []).append(entry)
+        self.tables = [self.implementation.table(entries, self.device) for entries in buckets.values()]
+        self.grads = [slot.grad for slot in self.slots]  # keeps every gradient in the rows alive
+
+    def launched(self) -> None:
+        """After a launch: the kernels have cleared their first_step flags; so do the slots."""
+        if self.first_steps:
+            for slot in self.slots:
+                if slot.grad is not None and slot.fields.get("first_step"):
+                    slot.fields["first_step"] = 0
+            self.first_steps = False
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """The step every fused optimizer shares: per group, check the group's table (GroupTable),
+    rebuild it when it no longer describes the group, and launch the op's kernel on it.
+
+    Subclasses set ``op`` (the kernels._dispatch op name) and define ``check_hyperparameters``,
+    ``table_options``, ``prepare_state``, ``launch`` and ``compiled_launch``. ``table_builds``
+    counts the tables built (full or gradients only) since the optimizer was created: a training
+    loop that keeps its gradients in place builds one per group, once.
+    """
+
+    op = ""
+    layout: tuple[str, ...] = ()  # ADAM_LAYOUT or SGD_LAYOUT
+    state_keys: tuple[str, ...] = ()  # state tensors kept in float32 for low-precision parameters
+
+    def __init__(self, params, defaults: dict):
+        self._tables: dict[int, GroupTable] = {}
+        self._graph_tables: list = []  # tables captured in CUDA graphs: kept alive for the replays
+        self.table_builds = 0
+        super().__init__(params, defaults)
+
+    # -- to define in each optimizer
+    def check_hyperparameters(self, group: dict) -> None:
+        raise NotImplementedError
+
+    def table_options(self, group: dict) -> tuple:
+        """The group's options that change what its table rows hold."""
+        raise NotImplementedError
+
+    def prepare_state(self, states, p: torch.Tensor, group: dict, where: str) -> dict:
+        """Create or check the state of ``p`` (in ``states``, the optimizer's state mapping) and
+        return the values of the layout's state fields: tensors, ints (flags) or None (absent)."""
+        raise NotImplementedError
+
+    def launch(self, implementation, table, group: dict) -> None:
+        raise NotImplementedError
+
+    def compiled_launch(self, group: dict, params: list, fields: list[dict], backend: str) -> None:
+        raise NotImplementedError
+
+    # -- shared
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self.check_hyperparameters(group)
+            check_params(type(self).__name__, len(self.param_groups) - 1, group["params"], what=self.op_title)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    @property
+    def op_title(self) -> str:
+        return "SGD" if self.op == "sgd" else self.op.capitalize()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_graph_tables", [])
+        self.__dict__.setdefault("table_builds", 0)
+        self._tables = {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim.Optimizer.load_state_dict, then two fixes: tensors still shared with
+        ``state_dict`` are copied (torch keeps them when device and dtype already match, and the
+        kernels update states in place), and low-precision parameters take their float32 states
+        from ``state_dict`` itself (torch has rounded them to the parameter dtype)."""
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            state, saved = self.state.get(p), state_dict["state"].get(saved_id)
+            if not state or saved is None:
+                continue
+            shared = {t.data_ptr() for t in saved.values() if isinstance(t, torch.Tensor)}
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.data_ptr() in shared:
+                    state[key] = value.clone()
+            if state_dtype(p) != p.dtype:
+                for key in self.state_keys:
+                    if isinstance(saved.get(key), torch.Tensor):
+                        state[key] = saved[key].detach().to(device=p.device, dtype=state_dtype(p), copy=True)
+
+    def step(self, closure=None):
+        """One step for every parameter that has a gradient; returns ``closure()``'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if torch.compiler.is_compiling():
+            self._compiled_step()
+            return loss
+        tables = self._tables
+        for index, group in enumerate(self.param_groups):
+            table = tables.get(index)
+            status, change = (STALE, "there was no table yet") if table is None else table.changes(self, group)
+            capturing = (table.cuda if table is not None else bool(group["params"]) and group["params"][0].is_cuda) \
+                and torch.cuda.is_current_stream_capturing()
+            if status != CURRENT:
+                if capturing:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: the tensor table of parameter group {index} would be rebuilt "
+                        f"during CUDA graph capture because {change}. A captured step must find every parameter, "
+                        "gradient and state where the eager steps before it left them: run at least one eager "
+                        "step before capturing, and keep gradients at fixed addresses (zero them in place with "
+                        "zero_grad(set_to_none=False), or use one flat gradient buffer as ffnn/step.py does)")
+                if status == STALE:
+                    table = tables[index] = GroupTable(self, index, group)
+                else:
+                    table.update_gradients(self, index)
+            if capturing:
+                if not group.get("capturable", False):
+                    raise RuntimeError(f"Attempting CUDA graph capture of step() for an instance of "
+                                       f"{type(self).__name__} but param_groups' capturable is False.")
+                kept = self._graph_tables
+                kept += [t for t in table.tables if not any(t is k for k in kept)]
+            for buffer, grad in table.grad_copies:
+                buffer.copy_(grad)
+            for backend_table in table.tables:
+                self.launch(table.implementation, backend_table, group)
+            table.launched()
+        return loss
+
+    def _compiled_step(self) -> None:
+        """The step as torch.compile traces it: states created in traced code, then one custom op
+        per group (``torch.ops.kernels.<op>_step``) that builds its table and launches."""
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            name = type(self).__name__
+            fields = [self.prepare_state(self.state, p, group, f"{name}: a parameter of group {index}")
+                      for p in params]
+            self.compiled_launch(group, params, fields, backend_for(params[0]))
+
+
+def make_entry(layout: tuple[str, ...], param: torch.Tensor, grad: torch.Tensor, fields: dict) -> Entry:
+    """The table row of ``param`` with gradient ``grad`` (laid out like it) and the state field
+    values ``fields`` (from prepare_state)."""
+    tensors = {"param": real(param.detach()), "grad": real(grad.detach())}
+    for key, value in fields.items():
+        if isinstance(value, torch.Tensor):
+            tensors[key] = real(value) if value.dim() else value
+    row = tuple(tensors["param"].numel() if field == "numel"
+                else tensors[field].data_ptr() if field in tensors
+                else int(fields.get(field) or 0)
+                for field in layout)
+    return Entry(row, tensors)
+
+
+def laid_out_alike(param: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether the kernels can walk ``grad`` flat beside ``param`` (same strides, or both contiguous)."""
+    return grad.stride() == param.stride() or (grad.is_contiguous() and param.is_contiguous())
+
+
+def entries_by_dtype(layout: tuple[str, ...], params: list, grads: list, fields: list[dict]) -> dict[torch.dtype, list[Entry]]:
+    """The entries of tables made on the spot (the compiled step's custom ops), by dtype; a
+    gradient laid out unlike its parameter is copied into the parameter's layout first."""
+    buckets: dict[torch.dtype, list[Entry]] = {}
+    for p, g, f in zip(params, grads, fields):
+        if not laid_out_alike(p, g):
+            g = torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
+        entry = make_entry(layout, p, g, f)
+        buckets.setdefault(entry.tensors["param"].dtype, []).append(entry)
+    return buckets
