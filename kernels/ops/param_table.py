@@ -62,7 +62,7 @@ class Entry(NamedTuple):
 
 def real(t: torch.Tensor) -> torch.Tensor:
     """``t`` as the real tensor the kernels update: its view_as_real view if it is complex."""
-    return torch.view_as_real(t) if t.is_complex() else t
+    return torch.view_as_real(t.detach()) if t.is_complex() else t
 
 
 def real_dtype(t: torch.Tensor) -> torch.dtype:
@@ -128,11 +128,12 @@ def _alias(t: torch.Tensor | None) -> torch.Tensor | None:
 class _Slot:
     """What a table knows of one parameter of its group."""
 
-    __slots__ = ("param", "address", "shape", "grad", "grad_address", "state", "tensors", "fields", "keep")
+    __slots__ = ("param", "address", "shape", "grad", "grad_address", "state", "tensors", "fields", "keep", "entry")
 
     def __init__(self, param: torch.Tensor):
         self.param = param
         self.grad = None  # the gradient (a tensor object) the rows were made with; None: no row
+        self.entry = None  # its row as last made
 
 
 class GroupTable:
@@ -195,20 +196,24 @@ class GroupTable:
             if p.data_ptr() != s.address or p.shape != s.shape:
                 return STALE, f"parameter {i} moved to address {p.data_ptr():#x} (shape {tuple(p.shape)})"
             state = s.state
-            if states.get(p) is not state or any(state.get(key) is not t for key, t in s.tensors):
-                return STALE, f"the state of parameter {i} was replaced or cleared"
+            if states.get(p) is not state:
+                return STALE, f"the state of parameter {i} was replaced"
+            for key, t in s.tensors:
+                if state.get(key) is not t:
+                    return STALE, f"the state {key!r} of parameter {i} was replaced or cleared"
             if status == CURRENT and (g is not s.grad or g.data_ptr() != s.grad_address):
                 status, change = GRADIENTS, (f"the gradient of parameter {i} is a new tensor at address "
                                              f"{g.data_ptr():#x} (was {s.grad_address:#x})")
         return status, change
 
     def update_gradients(self, optimizer: FusedOptimizer, index: int) -> None:
-        """Makes the rows again for new gradient tensors (after changes() found GRADIENTS)."""
+        """Makes the rows again for new gradient tensors (after changes() found GRADIENTS): each
+        row as it was, with its new gradient."""
         name = type(optimizer).__name__
         for i, slot in enumerate(self.slots):
             if slot.grad is not None:
                 self._set_grad(slot, slot.param.grad, f"{name}: parameter {i} of group {index}")
-        self._make_rows()
+        self._make_rows(gradients_only=True)
         optimizer.table_builds += 1
 
     def _set_grad(self, slot: _Slot, g: torch.Tensor, where: str) -> None:
@@ -221,12 +226,14 @@ class GroupTable:
                              f"the parameter is {p.dtype}, {tuple(p.shape)} on {p.device}")
         slot.grad, slot.grad_address = g, g.data_ptr()
 
-    def _make_rows(self) -> None:
-        """The backend tables, one per parameter dtype, from the slots' current gradients."""
+    def _make_rows(self, gradients_only: bool = False) -> None:
+        """The backend tables, one per parameter dtype, from the slots' current gradients (with
+        ``gradients_only``, from each slot's previous entry with only its gradient replaced)."""
         buckets: dict[torch.dtype, list[Entry]] = {}
         self.grad_copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, gradient): copied before each launch
         self.first_steps = False
         layout = self.layout
+        grad_field = layout.index("grad")
         for slot in self.slots:
             g = slot.grad
             if g is None:
@@ -236,7 +243,13 @@ class GroupTable:
                 buffer = torch.empty_like(p, memory_format=torch.preserve_format)
                 self.grad_copies.append((buffer, g))
                 g = buffer
-            entry = make_entry(layout, p, g, slot.fields)
+            if gradients_only and slot.entry is not None:
+                g = real(g)
+                entry = slot.entry
+                slot.entry = entry = Entry(entry.row[:grad_field] + (g.data_ptr(),) + entry.row[grad_field + 1:],
+                                           {**entry.tensors, "grad": g})
+            else:
+                slot.entry = entry = make_entry(layout, p, g, slot.fields)
             self.first_steps |= bool(slot.fields.get("first_step"))
             buckets.setdefault(entry.tensors["param"].dtype, []).append(entry)
         self.tables = [self.implementation.table(entries, self.device) for entries in buckets.values()]
@@ -248,6 +261,7 @@ class GroupTable:
             for slot in self.slots:
                 if slot.grad is not None and slot.fields.get("first_step"):
                     slot.fields["first_step"] = 0
+                    slot.entry = None  # its row still says first step
             self.first_steps = False
 
 
@@ -388,7 +402,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 def make_entry(layout: tuple[str, ...], param: torch.Tensor, grad: torch.Tensor, fields: dict) -> Entry:
     """The table row of ``param`` with gradient ``grad`` (laid out like it) and the state field
     values ``fields`` (from prepare_state)."""
-    tensors = {"param": real(param.detach()), "grad": real(grad.detach())}
+    tensors = {"param": real(param), "grad": real(grad)}
     for key, value in fields.items():
         if isinstance(value, torch.Tensor):
             tensors[key] = real(value) if value.dim() else value
