@@ -66,7 +66,7 @@ def narrow_offsets(ttir: str) -> list[str]:
     args: set[str] = set()
     for line in ttir.splitlines():
         if "tt.func" in line:
-            args.update(re.findall(r"(%arg\d+):", line))
+            args.update(re.findall(r"(%[\w]+): ", line))
         for name, init in _ITER_ARGS.findall(line.split("iter_args(", 1)[1]) if "iter_args(" in line else ():
             defs[name] = ("iter_arg", [init], line)
         match = _DEF.match(line)
@@ -232,7 +232,7 @@ def cross_entropy_variants():
             block_c = triton.next_power_of_2(C)
             args = dict(logits_ptr=logits, target_ptr=target, weight_ptr=weight, loss_ptr=loss,
                         ok_ptr=empty(1, dtype=torch.int32), grad_ptr=logits, N=N, C=C, ignore_index=-100)
-            for smoothing, weighted, reduction in ((0.0, False, 2), (0.1, True, 0)):
+            for smoothing, weighted, reduction in ((0.0, False, "mean"), (0.1, True, "none")):
                 yield ("cross_entropy small batch", cross_entropy._small_cross_entropy_kernel, args,
                        dict(LABEL_SMOOTHING=smoothing, HAS_WEIGHT=weighted, REDUCTION=reduction, COMPUTE_GRAD=True,
                             COMPUTE=tl.float32, BLOCK_N=min(N, cross_entropy.SMALL_TILE // block_c),

@@ -183,6 +183,68 @@ def test_target_dtypes(backend):
         torch.testing.assert_close(got, want)
 
 
+def test_strided_inputs(backend):
+    """Every tensor argument is read with its own strides: a column of a label matrix and an
+    expanded (stride 0) target, transposed logits, a strided weight."""
+    dtype = _dtype(backend)
+    dev = backend.device
+    labels = torch.randint(0, 13, (8, 3), device=dev)
+    logits_t = (torch.randn(13, 8, dtype=torch.float64) * 3).to(dev, dtype)
+    weight = torch.rand(26, dtype=dtype, device=dev)[::2] + 0.5
+    for target in (labels[:, 0], labels[:, 2], torch.tensor([2], device=dev).expand(8)):
+        assert not target.is_contiguous()
+        _check(logits_t.t(), target, weight=weight, label_smoothing=0.1)
+        _check(logits_t.t(), target, reduction="none")
+    _check(logits_t[:, 0], labels[0, 1], weight=weight)  # unbatched, strided logits
+
+
+def _nonfinite_logits(C, device, dtype):
+    """Rows with a NaN, a +inf, only -inf, some -inf, a huge finite logit, and plain ones."""
+    logits = (torch.randn(6, C, dtype=torch.float64) * 3).to(dtype)
+    logits[0, C // 2] = float("nan")
+    logits[1, C // 3] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, 1::2] = float("-inf")
+    logits[4, 5] = 3e30 if dtype != torch.float64 else 1e300
+    return logits.to(device)
+
+
+@pytest.mark.parametrize("C", **ROW_KINDS)
+@pytest.mark.parametrize("ignored", [False, True], ids=["", "ignored"])
+def test_nan_and_inf(backend, C, ignored):
+    """NaN and inf logits give PyTorch's loss and gradient, on counted rows and on ignored rows
+    (whose gradient is NaN where the row's softmax is: a NaN or +inf logit, or all -inf)."""
+    dtype = _dtype(backend)
+    logits = _nonfinite_logits(C, backend.device, dtype)
+    target = torch.tensor([0, 2, 4, 6, 8, 1], device=backend.device)  # row 3's target is a finite logit
+    if ignored:
+        target[:5] = -100
+    for kw in ({}, dict(label_smoothing=0.1), dict(weight=torch.rand(C, dtype=dtype, device=backend.device) + 0.5)):
+        _check(logits, target, reduction="none", **kw)
+        _check(logits, target, **kw)
+
+
+@pytest.mark.parametrize("magnitude", [1e4, 1e6])
+@pytest.mark.parametrize("C", **ROW_KINDS)
+def test_large_logits_precision(backend, C, magnitude):
+    """Logits near 1e4 and 1e6 in float32: the loss and gradient errors (against float64 on the
+    same float32 values) stay within a few times PyTorch float32's own, as log_softmax's do
+    when computed from x - max."""
+    N = 6 if C < 1000 else 2
+    logits = (magnitude + torch.randn(N, C, dtype=torch.float64) * 3).float().to(backend.device)
+    target = torch.randint(0, C, (N,), device=backend.device)
+    exact_loss, exact_grad = _oracle(logits.cpu(), target.cpu(), reduction="none", label_smoothing=0.1)
+    for ce in (kernels.cross_entropy, F.cross_entropy):
+        loss, grad = _run(ce, logits, target, reduction="none", label_smoothing=0.1)
+        errors = ((loss.cpu().double() - exact_loss).abs().max(), (grad.cpu().double() - exact_grad).abs().max())
+        if ce is F.cross_entropy:
+            torch_errors = errors
+        else:
+            ours = errors
+    for err, torch_err in zip(ours, torch_errors):
+        assert err <= 4 * torch_err + 1e-6, (ours, torch_errors)
+
+
 def test_no_grad_forward(backend):
     """Without autograd no gradient is written; the loss is the same."""
     dtype = _dtype(backend)
@@ -229,10 +291,29 @@ def test_inplace_backward_on_a_leaf(backend):
     torch.testing.assert_close(leaf.grad, x.grad, **TOL[dtype])
 
 
-@pytest.mark.parametrize("N,C,kernels_run", [(64, 10, ["small batch"]), (4, 32000, ["target stats", "rows"])])
+@pytest.mark.parametrize("layer", ["FusedLinear", "nn.ReLU"])
+def test_inplace_backward_after_a_layer_that_saved_the_logits(backend, layer):
+    """inplace_backward overwrites logits that FusedLinear(relu) or nn.ReLU saved for their own
+    backward: autograd raises its usual error instead of computing with the gradient."""
+    dtype = _dtype(backend)
+    x = torch.randn(6, 5, dtype=dtype, device=backend.device)
+    target = torch.randint(0, 10, (6,), device=backend.device)
+    if layer == "FusedLinear":
+        model = kernels.FusedLinear(5, 10, activation="relu").to(backend.device, dtype)
+    else:
+        model = nn.Sequential(nn.Linear(5, 10), nn.ReLU()).to(backend.device, dtype)
+    loss = kernels.cross_entropy(model(x), target, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    kernels.cross_entropy(model(x), target).backward()  # without inplace_backward it is fine
+
+
+@pytest.mark.parametrize("N,C,kernels_run", [(64, 10, ["small batch", "scale grad"]),
+                                             (4, 32000, ["target stats", "rows", "scale grad"])])
 def test_triton_launches(monkeypatch, N, C, kernels_run):
-    """A small batch is one launch of the one-program kernel; a large one, the statistics and the
-    per-row kernel."""
+    """Forward and backward: a small batch is one launch of the one-program kernel, a large one
+    the statistics and the per-row kernel; the backward is one launch (see the Triton module
+    for why it remains when grad_output is 1); a forward without autograd launches no more."""
     import kernels.triton.cross_entropy as triton_ce
 
     launched = []
@@ -246,12 +327,46 @@ def test_triton_launches(monkeypatch, N, C, kernels_run):
             return self.kernel[grid]
 
     for attr, name in (("_small_cross_entropy_kernel", "small batch"), ("_target_stats_kernel", "target stats"),
-                       ("_cross_entropy_kernel", "rows")):
+                       ("_cross_entropy_kernel", "rows"), ("_scale_grad_kernel", "scale grad")):
         monkeypatch.setattr(triton_ce, attr, Recorder(getattr(triton_ce, attr), name))
     kernels.set_backend("triton")
     logits, target = _inputs(N, C, "cuda" if HAS_CUDA else "cpu", torch.float32)
     _check(logits, target)
     assert launched == kernels_run
+    launched.clear()
+    kernels.cross_entropy(logits, target)
+    assert launched == kernels_run[:-1]
+
+
+def test_torch_compile(backend):
+    """kernels.cross_entropy compiles in one graph (its custom ops), alone and after a model, with
+    the backward (and its in-place scaling) in the compiled graph: the results are eager's."""
+    torch._dynamo.reset()
+    dev = backend.device
+    dtype = _dtype(backend)
+    logits, target = _inputs(8, 10, dev, dtype, ignore=True)
+    weight = torch.rand(10, dtype=dtype, device=dev) + 0.5
+
+    def loss_of(x, t):
+        return kernels.cross_entropy(x, t, weight, label_smoothing=0.1)
+
+    compile_args = dict(backend="aot_eager" if dev.type == "cpu" else "inductor", fullgraph=True)
+    torch.testing.assert_close(torch.compile(loss_of, **compile_args)(logits, target), loss_of(logits, target))
+    got = _run(torch.compile(loss_of, **compile_args), logits, target, grad_out=torch.tensor(2.0))
+    torch.testing.assert_close(got, _run(loss_of, logits, target, grad_out=torch.tensor(2.0)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(kernels.FusedLinear(12, 16), kernels.FusedLinear(16, 10, activation="none")).to(dev, dtype)
+    criterion = kernels.FusedCrossEntropyLoss(reduction="sum")
+    x = torch.randn(8, 12, dtype=dtype, device=dev)
+    grads = []
+    for fn in (torch.compile(lambda x, t: criterion(model(x), t), **compile_args), lambda x, t: criterion(model(x), t)):
+        model.zero_grad()
+        loss = fn(x, target)
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_retain_graph(backend):
@@ -272,14 +387,56 @@ def test_retain_graph(backend):
         loss.backward()
 
 
-def test_create_graph(backend):
-    """backward(create_graph=True) works; the gradient is not differentiable again (once_differentiable)."""
-    logits, target = _inputs(4, 30, backend.device, _dtype(backend))
-    x = logits.clone().requires_grad_()
-    (g,) = torch.autograd.grad(kernels.cross_entropy(x, target), x, create_graph=True)
-    torch.testing.assert_close(g.double(), _oracle(logits, target)[1], **TOL[g.dtype])
-    with pytest.raises(RuntimeError):
-        g.sum().backward()
+def _double_backward(ce, logits, target, v, **kw):
+    """(loss + ||dloss/dx||^2, its gradient, the Hessian-vector product H v) of ce at x = logits."""
+    x = logits.detach().clone().requires_grad_()
+    loss = ce(x, target, **kw)
+    (g,) = torch.autograd.grad(loss.sum(), x, create_graph=True)
+    total = loss.sum() + (g * g).sum()
+    (d_total,) = torch.autograd.grad(total, x, retain_graph=True)
+    (hv,) = torch.autograd.grad((g * v).sum(), x)
+    return total.detach(), d_total, hv
+
+
+@pytest.mark.parametrize("C", **ROW_KINDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_double_backward(backend, reduction, C):
+    """create_graph=True gives a gradient that is differentiable again: a gradient penalty
+    (loss + ||dloss/dx||^2) and a Hessian-vector product match PyTorch's."""
+    N = 6 if C < 1000 else 2
+    dtype = _dtype(backend)
+    logits, target = _inputs(N, C, backend.device, dtype, ignore=True)
+    v = torch.randn(N, C, dtype=dtype, device=backend.device)
+    kw = dict(weight=torch.rand(C, dtype=dtype, device=backend.device) + 0.5, label_smoothing=0.1, reduction=reduction)
+    got = _double_backward(kernels.cross_entropy, logits, target, v, **kw)
+    kw64 = dict(kw, weight=kw["weight"].double())
+    want = _double_backward(F.cross_entropy, logits.double(), target, v.double(), **kw64)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, **TOL[dtype])
+
+
+def test_gradient_penalty_through_a_model(backend):
+    """The gradient penalty of a small model's input through its loss, back to the model's
+    parameters, as PyTorch computes it; when the logits are gone by then, a clear error."""
+    dtype = _dtype(backend)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 7)).to(backend.device, dtype)
+    inputs = torch.randn(8, 5, dtype=dtype, device=backend.device)
+    target = torch.randint(0, 7, (8,), device=backend.device)
+
+    def penalised(ce):
+        x = inputs.clone().requires_grad_()
+        logits = model(x)
+        loss = ce(logits, target)
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        return torch.autograd.grad(loss + (g * g).sum(), list(model.parameters()))
+
+    for ours, theirs in zip(penalised(kernels.cross_entropy), penalised(F.cross_entropy)):
+        torch.testing.assert_close(ours, theirs, **TOL[dtype])
+    x = inputs.clone().requires_grad_()
+    loss = kernels.cross_entropy(model(x), target)  # the logits die with the call
+    with pytest.raises(RuntimeError, match="create_graph=True.*keep a reference to the logits"):
+        torch.autograd.grad(loss, x, create_graph=True)
 
 
 def test_module(backend):
@@ -376,6 +533,37 @@ def test_bad_arguments(backend):
             ce(logits, target, label_smoothing=eps)
     with pytest.raises(ValueError, match="no classes"):
         ce(logits[:, :0], target)
+
+
+def test_ignore_index_and_label_smoothing_types(backend):
+    """The errors PyTorch's F.cross_entropy gives: TypeError for a float or bool ignore_index or a
+    non-number label_smoothing, ValueError for an ignore_index outside int64; a 0-d integer
+    tensor is an index, as there."""
+    dtype = _dtype(backend)
+    logits = torch.randn(4, 10, dtype=dtype, device=backend.device)
+    target = torch.tensor([1, 2, 3, 4], device=backend.device)
+    for bad, error in ((1.7, TypeError), (True, TypeError), ("3", TypeError), (2**64, ValueError),
+                       (2**63, ValueError), (-2**63 - 1, ValueError)):
+        with pytest.raises(error):
+            F.cross_entropy(logits.cpu(), target.cpu(), ignore_index=bad)
+        with pytest.raises(error, match="ignore_index"):
+            kernels.cross_entropy(logits, target, ignore_index=bad)
+    for bad in ("0.1", None):
+        with pytest.raises(TypeError, match="label_smoothing must be float"):
+            kernels.cross_entropy(logits, target, label_smoothing=bad)
+    want = F.cross_entropy(logits.cpu().double(), target.cpu(), ignore_index=2)
+    for index in (2, torch.tensor(2), -2**63 + 2 + 2**63):
+        torch.testing.assert_close(kernels.cross_entropy(logits, target, ignore_index=index).cpu().double(), want,
+                                   **TOL[dtype])
+    kernels.cross_entropy(logits, target, ignore_index=-2**63)
+
+
+def test_reductions_restated_in_cpp():
+    """csrc/cross_entropy.cpp restates the reduction names; they must be the Python ones."""
+    from kernels import _C
+    from kernels.reference.cross_entropy import REDUCTIONS
+
+    assert tuple(_C.cross_entropy_reductions) == REDUCTIONS == ("none", "sum", "mean")
 
 
 def test_cpu_backend_dtypes(monkeypatch):

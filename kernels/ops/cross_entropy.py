@@ -8,31 +8,39 @@ smoothing eps, PyTorch's loss is::
 
 "mean" divides the sum over rows by the sum of w_t over the rows whose target is not
 ``ignore_index`` (the count of those rows without a weight); such rows add 0 and are left out.
+With the reduction's scale s (1/that sum for "mean", 1 otherwise) and p = softmax(x)::
 
-The forward kernel reads each row once for its log-sum-exp (online softmax) and once more,
-from cache, to write the gradient already scaled for the reduction, in the same launch. The
-backward only multiplies that gradient by grad_output, and skips even that when it is 1; no
-(N, C) buffer exists besides the gradient, and ``inplace_backward=True`` writes the gradient
-over the logits. ``cross_entropy_reference`` is the same computation in plain PyTorch (the
-``KERNELS_BACKEND=torch`` path).
+    forward    loss, and dx_j = s [ p_j ((1 - eps) w_t + eps/C sum_c w_c) - eps/C w_j - (1 - eps) w_t [j == t] ]
+               in one pass over the logits (read once for the log-sum-exp, once more from cache)
+    backward   dx * grad_output, in place
+
+No (N, C) buffer exists besides the gradient, and ``inplace_backward=True`` writes the gradient
+over the logits. Each backend's module (kernels/{triton,cpu,reference}/cross_entropy.py) has the
+same ``forward`` and ``backward``; the reference's differentiable ``gradient`` runs when a graph
+of the gradient itself is being built (``create_graph=True``: gradient penalties, Hessian-vector
+products).
+
+Under ``torch.compile`` the autograd Function calls its backend through the custom ops
+``torch.ops.kernels.cross_entropy_forward`` / ``cross_entropy_backward`` (with fake
+implementations), so a compiled model and its loss trace without a graph break; eager calls
+launch directly.
 """
 from __future__ import annotations
 
+import numbers
+import operator
 import weakref
 
 import torch
 from torch import nn
 
-from kernels._dispatch import backend_for, check_tensor, implementation
-from kernels.cpu import dtype_name as cpp_dtype, extension as cpp, num_threads
+from kernels._dispatch import backend_for, check_same, check_tensor, implementation
+from kernels.reference import cross_entropy as reference
 
-
-def triton_op(name):
-    return implementation(name, "triton")
-
-_OP = "cross_entropy"
-_REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
-_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+OP = "cross_entropy"
+REDUCTIONS = reference.REDUCTIONS
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+INT64 = torch.iinfo(torch.int64)
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
@@ -41,16 +49,23 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     """``F.cross_entropy(logits, target, weight, ignore_index=..., reduction=..., label_smoothing=...)``
     for class-index targets, fused: logits (N, C) or (C,), target (N,) or () of integers.
 
-    The loss is computed in float32 (float64 for float64 logits) and returned in the logits'
-    dtype, as PyTorch does. Backends: Triton on CUDA (float32, bfloat16, float16), C++ on CPU
-    (float32, float64), plain PyTorch elsewhere (see ``kernels._dispatch``).
+    The loss is computed in float32 (float64 for float64 logits) from ``x - max(x)``, as
+    log_softmax is, and returned in the logits' dtype. Backends: Triton on CUDA (float32,
+    bfloat16, float16), C++ on CPU (float32, float64), plain PyTorch elsewhere (see
+    ``kernels._dispatch``). Tensors of any strides are accepted (copied once when not contiguous).
 
     ``inplace_backward=True`` writes the gradient over ``logits`` during the forward (no second
-    (N, C) buffer): the logits' values are gone afterwards, so use it only when nothing else
-    needs them (e.g. logits straight out of a Linear layer, which saves its input, not its output).
-    For leaf logits, ``.grad`` then lives in the logits' memory.
-    A second backward through the same graph (retain_graph=True) recomputes the gradient from
-    the logits if they still exist unchanged, and raises otherwise.
+    (N, C) buffer), and bumps their version counter: a node that saved the logits for its own
+    backward (``nn.ReLU``, ``FusedLinear``) then raises autograd's "modified by an inplace
+    operation" error instead of computing with the gradient. Logits straight out of a linear layer
+    without activation (it saves its input, not its output) are the intended use. For leaf logits,
+    ``.grad`` then lives in the logits' memory. Under ``torch.compile`` the gradient gets a buffer
+    of its own.
+
+    A second backward through the same graph (``retain_graph=True``) and a backward that builds a
+    graph of the gradient (``create_graph=True``: double backward) recompute the gradient from the
+    logits, which are only weakly referenced (keeping them alive would cost an (N, C) buffer): they
+    must still exist unchanged, so hold a reference to them; otherwise it raises RuntimeError.
 
     Targets out of range: a target that is neither ``ignore_index`` nor in [0, C) is an error.
     On the CPU (every backend) the call raises ``ValueError`` naming the row. On CUDA the check
@@ -61,38 +76,172 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     assert triggered", and the CUDA context is unusable afterwards. Run with
     ``CUDA_LAUNCH_BLOCKING=1`` to get the error at the call itself.
 
-    Other bad arguments raise at the call: TypeError for a non-tensor, floating/bool target or a
-    weight of another dtype; ValueError for shapes (N vs target, weight of length other than C),
-    devices, an unknown reduction, label_smoothing outside [0, 1].
-    """
-    backend = backend_for(logits) if isinstance(logits, torch.Tensor) else None
-    check_tensor(_OP, "logits", logits, backend=backend, dim=(1, 2))
-    source, unbatched = logits, logits.dim() == 1
-    if unbatched:
-        logits = logits.unsqueeze(0)
-    target = _checked_target(logits, target, unbatched)
-    N, C = logits.shape
-    if weight is not None:
-        _check_weight(logits, weight)
-    code = _REDUCTIONS.get(reduction)
-    if code is None:
-        raise ValueError(f"{_OP}: reduction must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
-    label_smoothing = float(label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{_OP}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if C == 0:
-        raise ValueError(f"{_OP}: logits have no classes (shape {tuple(logits.shape)})")
+    NaN and inf follow PyTorch: a row holding a NaN or +inf logit, or only -inf logits, has NaN
+    loss and gradient; an ignored row has loss 0 and a gradient of 0, or of NaN for such a row.
 
-    impl = _BACKENDS[backend]
-    ignore_index = int(ignore_index)
+    Other bad arguments raise at the call, as PyTorch's do: TypeError for a non-tensor, a
+    floating/bool target, a weight of another dtype, a non-integer ``ignore_index`` (float, bool)
+    or a non-number ``label_smoothing``; ValueError for shapes (N vs target, weight of length
+    other than C), devices, an unknown reduction, label_smoothing outside [0, 1], an
+    ``ignore_index`` outside int64.
+    """
+    backend, ignore_index, label_smoothing = _check(logits, target, weight, ignore_index, reduction, label_smoothing)
+    unbatched = logits.dim() == 1
+    x = logits.contiguous()
+    if unbatched:
+        x, target = x.unsqueeze(0), target.reshape(1)
+    target = target.contiguous()  # a strided or expanded target (labels[:, 0], t.expand(n)) as dense
     if weight is not None:
         weight = weight.contiguous()
-    if logits.requires_grad and torch.is_grad_enabled():
-        options = (ignore_index, label_smoothing, code, inplace_backward, (weakref.ref(source), source._version))
-        loss = _FusedCrossEntropy.apply(logits.contiguous(), target, weight, options, impl)
-    else:
-        loss = impl.forward(logits.contiguous(), target, weight, ignore_index, label_smoothing, code, None)
-    return loss.view(()) if unbatched and code == 0 else loss
+    if torch.is_grad_enabled() and logits.requires_grad:
+        source = None if torch.compiler.is_compiling() else _WeakLogits(logits)
+        loss = CrossEntropyFunction.apply(x, target, weight, ignore_index, label_smoothing, reduction,
+                                          inplace_backward, backend, source)
+    else:  # nothing to differentiate: no gradient is computed
+        loss = _loss_only(x, target, weight, ignore_index, label_smoothing, reduction, backend)
+    return loss.view(()) if unbatched and reduction == "none" else loss
+
+
+def _check(logits, target, weight, ignore_index, reduction, label_smoothing) -> tuple[str, int, float]:
+    """Validates the arguments of ``cross_entropy``; returns (backend, ignore_index, label_smoothing)
+    as the kernels take them."""
+    backend = backend_for(logits) if isinstance(logits, torch.Tensor) else None
+    check_tensor(OP, "logits", logits, backend=backend, dim=(1, 2))
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{OP}: target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in INDEX_DTYPES:
+        kind = "; class probabilities (floating targets) are not supported" if target.is_floating_point() else ""
+        raise TypeError(f"{OP}: target must hold class indices (an integer dtype), got {target.dtype}{kind}")
+    want = () if logits.dim() == 1 else (logits.shape[0],)
+    if target.shape != want:
+        raise ValueError(f"{OP}: target of shape {tuple(target.shape)} does not match logits of shape "
+                         f"{tuple(logits.shape)} (expected {want})")
+    if target.device != logits.device:
+        raise ValueError(f"{OP}: target is on {target.device} but logits are on {logits.device}")
+    C = logits.shape[-1]
+    if C == 0:
+        raise ValueError(f"{OP}: logits have no classes (shape {tuple(logits.shape)})")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{OP}: weight must be a torch.Tensor or None, got {type(weight).__name__}")
+        if weight.shape != (C,):
+            raise ValueError(f"{OP}: weight must have one entry per class, shape ({C},), got {tuple(weight.shape)}")
+        check_same(OP, logits=logits, weight=weight)
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{OP}: gradients with respect to weight are not supported (detach it)")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{OP}: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    # ignore_index as PyTorch's argument parser takes an int: anything with __index__ but a bool.
+    if isinstance(ignore_index, bool) or not hasattr(type(ignore_index), "__index__"):
+        raise TypeError(f"{OP}: ignore_index must be int, not {type(ignore_index).__name__}")
+    ignore_index = operator.index(ignore_index)
+    if not INT64.min <= ignore_index <= INT64.max:
+        raise ValueError(f"{OP}: ignore_index={ignore_index} does not fit in int64")
+    if not isinstance(label_smoothing, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{OP}: label_smoothing must be float, not {type(label_smoothing).__name__}")
+    label_smoothing = float(label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{OP}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    return backend, ignore_index, label_smoothing
+
+
+def _loss_only(logits, target, weight, ignore_index, label_smoothing, reduction, backend):
+    if torch.compiler.is_compiling():
+        return torch.ops.kernels.cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing,
+                                                       reduction, backend, False)[0]
+    return implementation(OP, backend).forward(logits, target, weight, ignore_index, label_smoothing, reduction, None)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """The loss of (N, C) logits on one backend. The forward also computes the gradient for
+    grad_output = 1; the backward multiplies it by grad_output on the same backend."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, reduction, inplace, backend, source):
+        if torch.compiler.is_compiling():
+            loss, grad = torch.ops.kernels.cross_entropy_forward(logits, target, weight, ignore_index,
+                                                                 label_smoothing, reduction, backend, True)
+        else:
+            # In place, the gradient is a new tensor over the logits' memory: handed back as the very
+            # tensor autograd got as input, a leaf's AccumulateGrad would copy it instead of keeping it.
+            grad = logits.detach() if inplace else torch.empty_like(logits)
+            loss = implementation(OP, backend).forward(logits, target, weight, ignore_index, label_smoothing,
+                                                       reduction, grad)
+            if inplace:  # the logits now hold the gradient: a node that saved them must not use them
+                torch.autograd.graph.increment_version(logits)
+        ctx.save_for_backward(target, weight)
+        ctx.grad, ctx.source = grad, source
+        ctx.options = (ignore_index, label_smoothing, reduction, backend)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        target, weight = ctx.saved_tensors
+        ignore_index, label_smoothing, reduction, backend = ctx.options
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable itself
+            logits = _recover(ctx.source, "a backward with create_graph=True (double backward)")
+            grad = reference.gradient(logits, target, weight, ignore_index, label_smoothing, reduction, grad_output)
+        elif torch.compiler.is_compiling():
+            grad = ctx.grad
+            torch.ops.kernels.cross_entropy_backward(grad, grad_output, backend)
+        else:
+            grad = ctx.grad
+            if grad is None:  # the first backward handed out the only copy
+                logits = _recover(ctx.source, "a second backward through the same graph")
+                grad = torch.empty_like(logits)
+                implementation(OP, backend).forward(logits, target, weight, ignore_index, label_smoothing, reduction,
+                                                    grad)
+            implementation(OP, backend).backward(grad, grad_output)
+        ctx.grad = None
+        return grad, None, None, None, None, None, None, None, None
+
+
+class _WeakLogits:
+    """A weak reference to the caller's logits and their version at the call, from which the
+    gradient can be computed again."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.ref, self.version = weakref.ref(logits), logits._version
+
+
+def _recover(source: _WeakLogits | None, needed_by: str) -> torch.Tensor:
+    """The caller's logits as the (N, C) input of CrossEntropyFunction, or a RuntimeError saying why not."""
+    logits = None if source is None else source.ref()
+    if logits is None or logits._version != source.version:
+        raise RuntimeError(f"{OP}: {needed_by} computes the gradient again from the logits, but they are gone, "
+                           "were modified or were overwritten by inplace_backward=True; keep a reference to the "
+                           "logits, unchanged, until then (and do not use inplace_backward)")
+    return logits.reshape(-1, logits.shape[-1]).contiguous()
+
+
+# The backend calls as custom ops, for torch.compile. An op returns tensors only, so a gradient
+# that is not computed comes back as an empty tensor.
+@torch.library.custom_op("kernels::cross_entropy_forward", mutates_args=(),
+                         schema="(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+                                "float label_smoothing, str reduction, str backend, bool compute_grad) "
+                                "-> (Tensor, Tensor)")
+def _cross_entropy_forward_op(logits, target, weight, ignore_index, label_smoothing, reduction, backend, compute_grad):
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    loss = implementation(OP, backend).forward(logits, target, weight, ignore_index, label_smoothing, reduction,
+                                               grad if compute_grad else None)
+    return loss, grad
+
+
+@_cross_entropy_forward_op.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing, reduction, backend, compute_grad):
+    loss = logits.new_empty(logits.shape[0] if reduction == "none" else ())
+    return loss, torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+
+
+@torch.library.custom_op("kernels::cross_entropy_backward", mutates_args=("grad",),
+                         schema="(Tensor(a!) grad, Tensor grad_output, str backend) -> ()")
+def _cross_entropy_backward_op(grad, grad_output, backend):
+    implementation(OP, backend).backward(grad, grad_output)
+
+
+@_cross_entropy_backward_op.register_fake
+def _(grad, grad_output, backend):
+    return None
 
 
 class FusedCrossEntropyLoss(nn.CrossEntropyLoss):
@@ -112,181 +261,3 @@ class FusedCrossEntropyLoss(nn.CrossEntropyLoss):
 
     def extra_repr(self) -> str:
         return f"inplace_backward={self.inplace_backward}" if self.inplace_backward else ""
-
-
-def _scaled_grad(ctx, grad_output):
-    grad = ctx.grad
-    if grad is None:
-        grad = _recomputed_grad(ctx)
-    ctx.grad = None
-    ctx.impl.scale_grad(grad, grad_output)
-    return grad, None, None, None, None
-
-
-class _FusedCrossEntropy(torch.autograd.Function):
-    """Forward: loss and the reduction-scaled gradient in one kernel. Backward: that gradient
-    times grad_output, in place."""
-
-    @staticmethod
-    def forward(ctx, logits, target, weight, options, impl):
-        ignore_index, label_smoothing, reduction, inplace, source = options
-        # In place, the gradient is a new tensor over the logits' memory: handed back as the very
-        # tensor autograd got as input, a leaf's AccumulateGrad would copy it instead of keeping it.
-        grad = logits.detach() if inplace else torch.empty_like(logits)
-        loss = impl.forward(logits, target, weight, ignore_index, label_smoothing, reduction, grad)
-        ctx.grad, ctx.target, ctx.weight, ctx.options, ctx.impl = grad, target, weight, options, impl
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return _scaled_grad(ctx, grad_output)
-
-
-def _recomputed_grad(ctx) -> torch.Tensor:
-    """The gradient for a second backward through the same graph (retain_graph=True, gradcheck):
-    the first backward handed out the only copy, so it is computed again from the caller's logits,
-    which are only weakly referenced (keeping them alive would cost an (N, C) buffer)."""
-    ignore_index, label_smoothing, reduction, inplace, (source, version) = ctx.options
-    logits = source()
-    if inplace or logits is None or logits._version != version:
-        raise RuntimeError(f"{_OP}: a second backward through the same graph needs the gradient again, but the "
-                           "logits it came from are gone, were modified or were overwritten (inplace_backward=True)")
-    logits = logits.reshape(-1, logits.shape[-1]).contiguous()
-    grad = torch.empty_like(logits)
-    ctx.impl.forward(logits, ctx.target, ctx.weight, ignore_index, label_smoothing, reduction, grad)
-    return grad
-
-
-# ---------------------------------------------------------------------------------------------
-# Input checks (the kernels trust their inputs)
-
-def _checked_target(logits: torch.Tensor, target, unbatched: bool) -> torch.Tensor:
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"{_OP}: target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype not in _INDEX_DTYPES:
-        kind = "class probabilities (floating targets) are not supported" if target.is_floating_point() else ""
-        raise TypeError(f"{_OP}: target must hold class indices (an integer dtype), got {target.dtype}"
-                        + (f"; {kind}" if kind else ""))
-    want = () if unbatched else (logits.shape[0],)
-    if target.shape != want:
-        raise ValueError(f"{_OP}: target of shape {tuple(target.shape)} does not match logits of shape "
-                         f"{tuple(logits.shape[1:] if unbatched else logits.shape)} (expected {want})")
-    if target.device != logits.device:
-        raise ValueError(f"{_OP}: target is on {target.device} but logits are on {logits.device}")
-    return target.reshape(1) if unbatched else target
-
-
-def _check_weight(logits: torch.Tensor, weight) -> None:
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{_OP}: weight must be a torch.Tensor or None, got {type(weight).__name__}")
-    if weight.shape != logits.shape[1:]:
-        raise ValueError(f"{_OP}: weight must have one entry per class, shape ({logits.shape[1]},), "
-                         f"got {tuple(weight.shape)}")
-    if weight.dtype != logits.dtype:
-        raise TypeError(f"{_OP}: weight has dtype {weight.dtype} but logits have dtype {logits.dtype}")
-    if weight.device != logits.device:
-        raise ValueError(f"{_OP}: weight is on {weight.device} but logits are on {logits.device}")
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{_OP}: gradients with respect to weight are not supported (detach it)")
-
-
-def _bad_target_error(target: torch.Tensor, row: int, C: int, ignore_index: int) -> ValueError:
-    return ValueError(f"{_OP}: target[{row}] = {int(target[row])} is out of range for {C} classes "
-                      f"(valid: 0..{C - 1}, or ignore_index={ignore_index})")
-
-
-def _report_bad_targets(ok: torch.Tensor, target: torch.Tensor, C: int, ignore_index: int) -> None:
-    """Raise for an invalid target: at once on the CPU, as a device-side assert on CUDA."""
-    if ok.device.type == "cpu":
-        if not ok.item():
-            bad = (target != ignore_index) & ((target < 0) | (target >= C))
-            raise _bad_target_error(target, int(bad.nonzero()[0, 0]), C, ignore_index)
-    else:
-        torch._assert_async(ok.view(()), f"{_OP}: a target is out of range [0, {C}) and is not ignore_index")
-
-
-# ---------------------------------------------------------------------------------------------
-# Backends: forward(logits, target, weight, ignore_index, label_smoothing, reduction, grad) -> loss
-# with contiguous (N, C) logits, reduction 0/1/2 = none/sum/mean and grad (N, C) or None; and
-# scale_grad(grad, grad_output) in place.
-
-class _Cpp:
-    @staticmethod
-    def forward(logits, target, weight, ignore_index, label_smoothing, reduction, grad):
-        N, C = logits.shape
-        if target.dtype != torch.int64 or not target.is_contiguous():
-            target = target.to(torch.int64, memory_format=torch.contiguous_format)
-        loss = logits.new_empty(N) if reduction == 0 else logits.new_empty(size=())  # the fastest spellings
-        bad_row = cpp().cross_entropy_forward(
-            cpp_dtype(logits), logits.data_ptr(), target.data_ptr(), 0 if weight is None else weight.data_ptr(),
-            loss.data_ptr(), 0 if grad is None else grad.data_ptr(), N, C, ignore_index, label_smoothing,
-            reduction, num_threads())
-        if bad_row >= 0:
-            raise _bad_target_error(target, bad_row, C, ignore_index)
-        return loss
-
-    @staticmethod
-    def scale_grad(grad, grad_output):
-        N, C = grad.shape
-        cpp().cross_entropy_scale_grad(cpp_dtype(grad), grad.data_ptr(), grad_output.data_ptr(),
-                                       grad_output.stride(0) if grad_output.dim() else 0, N, C, num_threads())
-
-
-class _Triton:
-    @staticmethod
-    def forward(logits, target, weight, ignore_index, label_smoothing, reduction, grad):
-        if target.dtype not in (torch.int64, torch.int32) or not target.is_contiguous():
-            target = target.to(torch.int64, memory_format=torch.contiguous_format)
-        loss, ok = triton_op(_OP).forward(logits, target, weight, ignore_index, label_smoothing, reduction, grad)
-        _report_bad_targets(ok, target, logits.shape[1], ignore_index)
-        return loss
-
-    @staticmethod
-    def scale_grad(grad, grad_output):
-        triton_op(_OP).scale_grad(grad, grad_output.to(grad.dtype))
-
-
-class _Torch:
-    @staticmethod
-    def forward(logits, target, weight, ignore_index, label_smoothing, reduction, grad):
-        loss, ok = cross_entropy_reference(logits, target, weight, ignore_index, label_smoothing, reduction, grad)
-        _report_bad_targets(ok, target, logits.shape[1], ignore_index)
-        return loss
-
-    @staticmethod
-    def scale_grad(grad, grad_output):
-        grad.mul_(grad_output.view(-1, 1) if grad_output.dim() else grad_output)
-
-
-_BACKENDS = {"cpu": _Cpp, "triton": _Triton, "torch": _Torch}
-
-
-def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-                            ignore_index: int, label_smoothing: float, reduction: int,
-                            grad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the kernels compute, in plain PyTorch: the loss of (N, C) logits for reduction 0/1/2
-    (none/sum/mean) in the logits' dtype, and a one-element flag that every target was valid;
-    fills ``grad`` (may be ``logits``) with dloss/dlogits. A row with an out-of-range target gets
-    NaN loss and gradient, a row with ignore_index 0."""
-    N, C = logits.shape
-    x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    counted = target != ignore_index
-    valid = counted & (target >= 0) & (target < C)
-    t = torch.where(valid, target, 0).long()
-    w = torch.ones(C, dtype=x.dtype, device=x.device) if weight is None else weight.to(x.dtype)
-    w_t = w[t]
-    fill = torch.where(counted, float("nan"), 0.0).to(x.dtype)
-    eps = label_smoothing
-    log_p = torch.log_softmax(x, 1)
-    nll = -log_p.gather(1, t[:, None])[:, 0]
-    smooth = -(log_p * w).sum(1)
-    rows = torch.where(valid, (1 - eps) * w_t * nll + eps / C * smooth, fill)
-    denominator = torch.where(valid, w_t, 0).sum()
-    scale = 1 / denominator if reduction == 2 else torch.ones((), dtype=x.dtype, device=x.device)
-    if grad is not None:
-        dx = log_p.exp() * ((1 - eps) * w_t + eps / C * w.sum())[:, None] - eps / C * w
-        dx.scatter_add_(1, t[:, None], -((1 - eps) * w_t)[:, None])
-        grad.copy_(torch.where(valid[:, None], dx * scale, fill[:, None]))
-    loss = rows if reduction == 0 else (rows.sum() / denominator if reduction == 2 else rows.sum())
-    ok = ~(counted & ~valid).any()
-    return loss.to(logits.dtype), ok
