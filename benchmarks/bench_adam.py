@@ -1,35 +1,49 @@
-"""Adam step time: kernels.FusedAdam against torch.optim.Adam with foreach=True and fused=True.
+"""Optimizer step time: kernels.FusedAdam against torch.optim.Adam (foreach=True, fused=True), and
+kernels.FusedSGD against torch.optim.SGD (foreach=True, fused=True), both with momentum 0.9.
 
 Cases: the MNIST MLP's parameters (784-128-64-10: 109,386 in 6 tensors), 10M in one tensor
-(CPU), 100M in 100 tensors (skipped with --quick), and 1B in 64 tensors (GPU only, not with
---quick). Effective bandwidth counts 28 bytes per float32 parameter: param, grad, exp_avg and
-exp_avg_sq read (16), param, exp_avg and exp_avg_sq written (12).
+(CPU), 100M in 100 tensors (Adam; skipped with --quick), and 1B in 64 tensors (Adam; GPU only,
+not with --quick). Effective bandwidth counts the bytes a step must move per float32 parameter:
+Adam 28 (param, grad, exp_avg and exp_avg_sq read, param, exp_avg and exp_avg_sq written), SGD
+with momentum 20 (param, grad and buffer read, param and buffer written).
 """
 from __future__ import annotations
 
 import torch
 
 from benchmarks.harness import OURS, Results
-from kernels import FusedAdam
+from kernels import FusedAdam, FusedSGD
+from kernels.ops.param_table import FusedOptimizer
 
 MNIST_SHAPES = [(128, 784), (128,), (64, 128), (64,), (10, 64), (10,)]
-BYTES_PER_PARAM = 28
+MNIST = "MNIST MLP: 109,386 params in 6 tensors"
+BYTES_PER_PARAM = {"Adam": 28, "SGD": 20}
 
 IMPLS = {
-    OURS: lambda params: FusedAdam(params, lr=1e-3),
-    "torch foreach": lambda params: torch.optim.Adam(params, lr=1e-3, foreach=True),
-    "torch fused": lambda params: torch.optim.Adam(params, lr=1e-3, fused=True),
+    "Adam": {
+        OURS: lambda params: FusedAdam(params, lr=1e-3),
+        "torch foreach": lambda params: torch.optim.Adam(params, lr=1e-3, foreach=True),
+        "torch fused": lambda params: torch.optim.Adam(params, lr=1e-3, fused=True),
+    },
+    "SGD": {
+        OURS: lambda params: FusedSGD(params, lr=1e-2, momentum=0.9),
+        "torch foreach": lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9, foreach=True),
+        "torch fused": lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9, fused=True),
+    },
 }
 
 
-def cases(device: torch.device, quick: bool) -> list[tuple[str, list[tuple[int, ...]]]]:
-    out = [("MNIST MLP: 109,386 params in 6 tensors", MNIST_SHAPES)]
-    if device.type == "cpu":
-        out.append(("10M params in 1 tensor", [(10_000_000,)]))
+def cases(device: torch.device, quick: bool) -> list[tuple[str, str, list[tuple[int, ...]]]]:
+    """(optimizer, case name, parameter shapes)."""
+    out = []
+    for optimizer in IMPLS:
+        out.append((optimizer, MNIST, MNIST_SHAPES))
+        if device.type == "cpu":
+            out.append((optimizer, "10M params in 1 tensor", [(10_000_000,)]))
     if not quick:
-        out.append(("100M params in 100 tensors", [(1_000_000,)] * 100))
+        out.append(("Adam", "100M params in 100 tensors", [(1_000_000,)] * 100))
         if device.type == "cuda":
-            out.append(("1B params in 64 tensors", [(15_625_000,)] * 64))
+            out.append(("Adam", "1B params in 64 tensors", [(15_625_000,)] * 64))
     return out
 
 
@@ -55,21 +69,47 @@ def graphed_step(opt: torch.optim.Optimizer):
     return step
 
 
+def time_overheads(results: Results, name: str, params: list[torch.Tensor], work: int) -> None:
+    """What the Python around the kernel costs: the step without torch.optim's step-hook wrapper
+    (which every Optimizer subclass gets, and which ours no longer bypasses), and the step of a
+    loop that hands it new gradient tensors every step (zero_grad(set_to_none=True)), whose
+    table rows are then made again."""
+    opt = FusedAdam(params, lr=1e-3)
+    results.time(name, f"{OURS}, without torch.optim's hook wrapper", lambda: FusedOptimizer.step(opt),
+                 work=work, unit="GB/s", scale=1e9)
+    grad_sets = [[p.grad.clone() for p in params] for _ in range(2)]
+    calls = iter(range(1 << 62))
+
+    def step_with_new_gradients():
+        for p, g in zip(params, grad_sets[next(calls) % 2]):
+            p.grad = g
+        opt.step()
+
+    results.time(name, f"{OURS}, new gradient tensors every step", step_with_new_gradients, work=work, unit="GB/s",
+                 scale=1e9)
+    for p, g in zip(params, grad_sets[0]):
+        p.grad = g
+
+
 def run(device: torch.device, quick: bool = False) -> Results:
     results = Results("adam", str(device))
     results.meta["bytes_per_param"] = BYTES_PER_PARAM
-    for case, shapes in cases(device, quick):
+    for optimizer, case, shapes in cases(device, quick):
         params = [torch.randn(s, device=device).requires_grad_() for s in shapes]
         for p in params:
             p.grad = torch.randn_like(p)
-        work = BYTES_PER_PARAM * sum(p.numel() for p in params)
-        for impl, make in IMPLS.items():
+        work = BYTES_PER_PARAM[optimizer] * sum(p.numel() for p in params)
+        name = f"{optimizer}, {case}"
+        for impl, make in IMPLS[optimizer].items():
             opt = make(params)
-            results.time(case, impl, opt.step, work=work, unit="GB/s", scale=1e9)
+            results.time(name, impl, opt.step, work=work, unit="GB/s", scale=1e9)
             del opt  # free its states before the next impl allocates its own
+        if optimizer == "Adam" and shapes is MNIST_SHAPES:
+            time_overheads(results, name, params, work)
         if device.type == "cuda" and shapes is MNIST_SHAPES:
-            opt = FusedAdam(params, lr=1e-3, capturable=True)
-            results.time(case, f"{OURS}, CUDA graph replay", graphed_step(opt), work=work, unit="GB/s", scale=1e9)
+            opt = IMPLS[optimizer][OURS](params)
+            opt.param_groups[0]["capturable"] = True
+            results.time(name, f"{OURS}, CUDA graph replay", graphed_step(opt), work=work, unit="GB/s", scale=1e9)
             del opt
         del params
     return results
