@@ -29,6 +29,11 @@ from ffnn.errors import FFNNError
 PROG = "ffnn-predict"
 
 
+def _pixels(img) -> torch.Tensor:
+    """A grayscale PIL image as a uint8 tensor (height, width)."""
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width)
+
+
 def _border(pixels: torch.Tensor) -> torch.Tensor:
     return torch.cat([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
 
@@ -49,8 +54,7 @@ def read_image(path: str | Path, shape: tuple[int, int] = (28, 28), invert: str 
     notes = [f"{img.width}x{img.height} " + ("grayscale" if mode == "L" else f"{mode}, converted to grayscale")]
     if img.width != img.height:
         side = max(img.size)
-        background = int(_border(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-                                 .view(img.height, img.width)).float().median())
+        background = int(_border(_pixels(img)).float().median())
         square = Image.new("L", (side, side), background)
         square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
         img = square
@@ -58,7 +62,7 @@ def read_image(path: str | Path, shape: tuple[int, int] = (28, 28), invert: str 
     if img.size != (shape[1], shape[0]):
         img = img.resize((shape[1], shape[0]), Image.Resampling.LANCZOS)
         notes.append(f"resized to {shape[1]}x{shape[0]}")
-    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(shape)
+    pixels = _pixels(img)
     if invert == "yes" or (invert == "auto" and _border(pixels).float().mean() > 127):
         pixels = 255 - pixels
         notes.append("inverted to light-on-dark")

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 import ffnn
-import kernels
 from ffnn import checkpoint, data as datasets, evaluate, predict, step as steps, train
 from ffnn.errors import FFNNError
 from ffnn.model import MLP, TorchMLP, sizes_from_state_dict
@@ -373,7 +372,7 @@ def test_torchrun_two_processes_match_one(runs, data_dir, tmp_path):
 
 # --- the training step ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("impl, optimizer", [("fused", "adam"), ("torch", "adam"), ("torch", "sgd")])
+@pytest.mark.parametrize("impl, optimizer", [("fused", "adam"), ("torch", "adam"), ("fused", "sgd"), ("torch", "sgd")])
 def test_gradient_addresses_never_change_across_steps(impl, optimizer):
     """What a CUDA graph replays and FusedAdam's address table hold: every .grad is a view of one
     flat buffer, zeroed in place by the step, never replaced."""
@@ -440,8 +439,6 @@ def test_sgd_with_nesterov_momentum_matches_plain_pytorch(data_dir, tmp_path):
 
 
 def test_fused_sgd_matches_plain_pytorch(data_dir, tmp_path):
-    if not hasattr(kernels, "FusedSGD"):
-        pytest.skip("kernels.FusedSGD has not landed yet")
     out = tmp_path / "sgd"
     _train(out, data_dir, "--impl", "fused", *SGD_RUN)
     expected = _plain_pytorch_run(data_dir, (784, 32, 10), lambda p: torch.optim.SGD(
