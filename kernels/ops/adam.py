@@ -68,8 +68,8 @@ def prepare_state(states, p: torch.Tensor, group: dict, where: str) -> dict:
     amsgrad = group["amsgrad"]
     dtype = state_dtype(p)
     step = state.get("step")
-    if not isinstance(step, torch.Tensor):
-        state["step"] = torch.tensor(float(step or 0), dtype=torch.float32, device=p.device)
+    if not isinstance(step, torch.Tensor):  # filled on the device: no copy from pageable host memory
+        state["step"] = torch.full((), float(step or 0), dtype=torch.float32, device=p.device)
     elif step.dtype != torch.float32 or step.device != p.device or step.dim() != 0:
         state["step"] = step.detach().to(device=p.device, dtype=torch.float32).reshape(())
     for key in MOMENTS if amsgrad else MOMENTS[:2]:

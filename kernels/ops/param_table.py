@@ -11,7 +11,7 @@ parameters, their gradients and states enter as their ``torch.view_as_real`` vie
 torch.optim updates them.
 
 When a table is rebuilt (the invalidation rule). A group's table is reused while all of these
-hold, which the step checks before every launch (well under a microsecond per parameter):
+hold, which the step checks before every launch (under a microsecond per parameter):
 
 * the group is the same dict with the same ``params`` list, of the same length, and the options
   that shape its rows (``table_options``, e.g. amsgrad) are unchanged;
@@ -379,8 +379,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                                        f"{type(self).__name__} but param_groups' capturable is False.")
                 kept = self._graph_tables
                 kept += [t for t in table.tables if not any(t is k for k in kept)]
-            for buffer, grad in table.grad_copies:
-                buffer.copy_(grad)
+            if table.grad_copies:
+                with torch.no_grad():
+                    for buffer, grad in table.grad_copies:
+                        buffer.copy_(grad)
             for backend_table in table.tables:
                 self.launch(table.implementation, backend_table, group)
             table.launched()
