@@ -1,5 +1,6 @@
 """kernels.linear / kernels.FusedLinear against nn.Linear followed by the activation, on every
 backend: the C++ kernels, and Triton (interpreted on CPU tensors, compiled on a GPU)."""
+import contextlib
 import math
 import os
 import subprocess
@@ -447,15 +448,15 @@ def _tma_gemm(gemm, x, w, b, y, dy, activation, num_programs):
     (M, K), N = x.shape, w.shape[0]
     if gemm == "forward":
         out = torch.full((M, N), float("nan"), device=x.device, dtype=x.dtype)
-        matmul_tma(x, w, out, M, N, K, b_transposed=True, bias=b, activation=activation, num_programs=num_programs)
+        matmul_tma(x, w.t(), out, bias=b, activation=activation, num_programs=num_programs)
         return (out,)
     if gemm == "grad_input":
         dx = torch.full((M, K), float("nan"), device=x.device, dtype=x.dtype)
-        matmul_tma(dy, w, dx, M, K, N, y=y, grad_of=activation, num_programs=num_programs)
+        matmul_tma(dy, w, dx, y=y, grad_of=activation, num_programs=num_programs)
         return (dx,)
     dw = torch.full((N, K), float("nan"), device=x.device, dtype=x.dtype)
     db = torch.full((N,), float("nan"), device=x.device, dtype=x.dtype)
-    matmul_tma(dy, x, dw, N, K, M, a_transposed=True, y=y, row_sum=db, grad_of=activation, num_programs=num_programs)
+    matmul_tma(dy.t(), x, dw, y=y.t(), row_sum=db, grad_of=activation, num_programs=num_programs)
     return dw, db
 
 
@@ -465,11 +466,11 @@ def test_tma_kernel(gemm, activation):
     """The persistent TMA kernel (large bf16/fp16 layers on Hopper) against PyTorch's autograd in
     float64: ragged M, N and K (partial tiles), more tiles than programs, x a strided view; on the
     CPU through the interpreter in fp32 and fp16 (it has no bf16), in bf16 and fp16 on a GPU."""
-    from kernels.triton.linear import _TMA_CONFIGS
+    from kernels.triton.linear import TMA_TILES
 
-    block = _TMA_CONFIGS[gemm != "forward"][0].kwargs
+    block_m, block_n, block_k = TMA_TILES[gemm != "forward"][0][:3]
     # Every dimension a little over a tile: 2 x 2 output tiles (or more), 2+ steps along K.
-    M, K, N = block["BLOCK_M"] + 8, block["BLOCK_K"] + block["BLOCK_N"] + 24, block["BLOCK_N"] + 16
+    M, K, N = block_m + 8, block_k + block_n + 24, block_n + 16
     device = "cuda" if HAS_CUDA else "cpu"
     for dtype in (torch.bfloat16, torch.float16) if HAS_CUDA else (torch.float32, torch.float16):
         x, w, b = make(M, K, N, device=device, dtype=dtype)
@@ -545,3 +546,255 @@ def test_cuda_fp32_follows_matmul_precision(monkeypatch):
     assert (kernels.linear(x, w, b).double() - exact).abs().max() < 1e-4
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     assert (kernels.linear(x, w, b).double() - exact).abs().max() < 3e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton launcher: PyTorch's fp32 matmul precision, the device guard, the kernel form and tiles by
+# the chip's limits, autotuning by bucket and never inside a capture, NaN/inf through the
+# activations. Through the interpreter (or compiled on a GPU), with faked CUDA calls where a test
+# needs a GPU's answers.
+
+class _KernelRecorder:
+    """Stands in for a Triton kernel in a module: records each launch's keyword arguments, then
+    launches the real kernel (or nothing, with ``run=False``)."""
+
+    def __init__(self, kernel, run=True, on_launch=None):
+        self.kernel, self.run, self.on_launch, self.launches = kernel, run, on_launch, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            if self.on_launch is not None:
+                self.on_launch()
+            if self.run:
+                self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def matmul_precision():
+    """Puts back PyTorch's fp32 matmul settings (the legacy one, then the new API's) after a test."""
+    legacy = torch.get_float32_matmul_precision()
+    owners = [torch.backends, torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    owners = [o for o in owners if hasattr(o, "fp32_precision")]
+    saved = [o.fp32_precision for o in owners]
+    yield
+    torch.set_float32_matmul_precision(legacy)
+    for owner, value in zip(owners, saved):
+        owner.fp32_precision = value
+
+
+def _set_precision(way):
+    """Allows TF32 (or not) for fp32 matmuls the way ``way`` names."""
+    if way.startswith("set_float32_matmul_precision"):
+        torch.set_float32_matmul_precision(way.split(":")[1])
+    elif way == "allow_tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    elif way == "cuda.matmul.fp32_precision":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    elif way == "fp32_precision":  # the generic setting: cuda.matmul's "none" defers to it
+        torch.backends.fp32_precision = "tf32"
+    elif way == "fp32_precision, cuda.matmul ieee":
+        torch.backends.fp32_precision = "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+
+
+_NEW_API = hasattr(torch.backends, "fp32_precision")
+
+
+@pytest.mark.parametrize("way,expected", [
+    ("default", "ieee"), ("set_float32_matmul_precision:high", "tf32"), ("set_float32_matmul_precision:medium", "tf32"),
+    ("set_float32_matmul_precision:highest", "ieee"), ("allow_tf32", "tf32"),
+    pytest.param("cuda.matmul.fp32_precision", "tf32", marks=pytest.mark.skipif(not _NEW_API, reason="torch < 2.9")),
+    pytest.param("fp32_precision", "tf32", marks=pytest.mark.skipif(not _NEW_API, reason="torch < 2.9")),
+    pytest.param("fp32_precision, cuda.matmul ieee", "ieee", marks=pytest.mark.skipif(not _NEW_API, reason="torch < 2.9")),
+])
+def test_triton_fp32_dot_precision_follows_torch(monkeypatch, matmul_precision, way, expected):
+    """The fp32 GEMM's dots are TF32 exactly when PyTorch's own fp32 matmul would be, whichever API
+    allowed it (reading the legacy allow_tf32 after the new API raises on torch >= 2.9); other
+    dtypes always get ieee."""
+    import kernels.triton.linear as triton_linear
+
+    recorder = _KernelRecorder(triton_linear._fused_matmul_kernel)
+    monkeypatch.setattr(triton_linear, "_fused_matmul_kernel", recorder)
+    kernels.set_backend("triton")
+    device = "cuda" if HAS_CUDA else "cpu"
+    _set_precision(way)
+    for dtype in (torch.float32, torch.float64):
+        x, w, b = make(3, 4, 2, device=device, dtype=dtype)
+        kernels.linear(x, w, b)
+    assert [launch["DOT_PRECISION"] for launch in recorder.launches] == [expected, "ieee"]
+
+
+def test_device_guard_switches_only_when_needed(monkeypatch):
+    """Kernels launch on the current GPU: the guard makes the tensor's GPU current, and costs
+    nothing (no context) when it already is, or for a CPU tensor."""
+    from types import SimpleNamespace
+
+    from kernels.triton.utils import device_guard
+
+    entered = []
+
+    class FakeDeviceContext:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", FakeDeviceContext)
+    for name in ("cuda:1", "cuda:0", "cpu"):
+        device = torch.device(name)
+        with device_guard(SimpleNamespace(is_cuda=device.type == "cuda", device=device)):
+            pass
+    assert entered == [torch.device("cuda:1")]
+
+
+def test_every_triton_linear_launch_is_device_guarded(monkeypatch):
+    """The forward and both backward GEMMs launch inside device_guard of the layer's tensors."""
+    import kernels.triton.linear as triton_linear
+
+    guarded, inside = [], []
+
+    @contextlib.contextmanager
+    def guard(t):
+        guarded.append(t.device)
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    recorder = _KernelRecorder(triton_linear._fused_matmul_kernel, on_launch=lambda: guarded.append(bool(inside)))
+    monkeypatch.setattr(triton_linear, "device_guard", guard)
+    monkeypatch.setattr(triton_linear, "_fused_matmul_kernel", recorder)
+    kernels.set_backend("triton")
+    x, w, b = (t.requires_grad_() for t in make(5, 4, 3, device="cuda" if HAS_CUDA else "cpu"))
+    kernels.linear(x, w, b).sum().backward()
+    # forward: guard, y; backward: guard, dx, dW with db
+    assert guarded == [x.device, True, x.device, True, True]
+
+
+def test_tma_refuses_rows_it_cannot_describe():
+    """Stride-0 rows (y.sum() and y.sum(0) hand the backward such a dy) overlap: TMA cannot describe
+    them, as stored or transposed; a transposed view of a ready tensor is read as stored."""
+    from kernels.triton.linear import _tma_ready, _tma_view
+
+    summed = torch.ones(1, 1, dtype=torch.float16).expand(64, 64)
+    summed_rows = torch.randn(1, 64, dtype=torch.float16).expand(64, 64)
+    assert summed.stride() == (0, 0) and summed_rows.stride() == (0, 1)
+    for dy in (summed, summed_rows):
+        assert not _tma_ready(dy) and _tma_view(dy) is None
+    x = torch.randn(64, 32, dtype=torch.float16)
+    assert _tma_view(x) == (x, False)
+    stored, transposed = _tma_view(x.t())
+    assert transposed and stored.data_ptr() == x.data_ptr() and stored.shape == x.shape
+
+
+# compute capability major, shared memory per block (opt-in), multiprocessors
+_CHIPS = {"H100": (9, 232448, 132), "RTX 5090 (sm_120)": (12, 101376, 170), "A100": (8, 166912, 108)}
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """cuda:0, 1, 2 answer torch.cuda.get_device_properties as an H100, a consumer Blackwell and an A100."""
+    from types import SimpleNamespace
+
+    import kernels.triton.linear as triton_linear
+
+    props = [SimpleNamespace(major=major, shared_memory_per_block_optin=shared, multi_processor_count=sms)
+             for major, shared, sms in _CHIPS.values()]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props[index])
+    triton_linear._chip.cache_clear()
+    yield [torch.device("cuda", i) for i in range(len(props))]
+    triton_linear._chip.cache_clear()
+
+
+def test_kernel_form_and_tiles_follow_the_chip(fake_gpus):
+    """The TMA kernel only where the chip has the copy engine (compute capability 9+) and its
+    shared memory holds a TMA tile: the H100, not consumer Blackwell's 99 KB (every TMA tile needs
+    more) nor the A100; each chip autotunes only over the tiles that fit it."""
+    from kernels.triton.linear import (GENERIC_TILES, SMALL_PROBLEM, SMALL_TILE, TMA_TILES, _tma_kernel_fits,
+                                       fitting_tiles, shared_memory)
+
+    h100, blackwell, a100 = fake_gpus
+    large = 4096 ** 3
+    for prologue in (False, True):
+        assert _tma_kernel_fits(h100, torch.bfloat16, large, prologue)
+        assert _tma_kernel_fits(h100, torch.float16, large, prologue)
+        assert not _tma_kernel_fits(h100, torch.float32, large, prologue)
+        assert not _tma_kernel_fits(h100, torch.bfloat16, SMALL_PROBLEM, prologue)
+        assert not _tma_kernel_fits(blackwell, torch.bfloat16, large, prologue)
+        assert not _tma_kernel_fits(a100, torch.bfloat16, large, prologue)
+        assert fitting_tiles(True, torch.bfloat16, prologue, h100) == TMA_TILES[prologue]
+        assert fitting_tiles(True, torch.bfloat16, prologue, blackwell) == []
+        for dtype in (torch.bfloat16, torch.float32):
+            size = dtype.itemsize
+            table = GENERIC_TILES[(size, prologue)]
+            assert fitting_tiles(False, dtype, prologue, h100) == table  # the tables are sm_90's
+            fits = [t for t in table if shared_memory(t, size, prologue, False) <= 101376]
+            assert fitting_tiles(False, dtype, prologue, blackwell) == (fits or [SMALL_TILE])
+    assert (128, 256, 64, 3, 8) not in fitting_tiles(False, torch.bfloat16, False, blackwell)  # 146 KB
+    assert (128, 128, 32, 4, 4) in fitting_tiles(False, torch.bfloat16, False, blackwell)  # 66 KB
+    # fp32 with the prologue: no tile of its table fits 99 KB; the small-problem tile does
+    assert fitting_tiles(False, torch.float32, True, blackwell) == [SMALL_TILE]
+    assert shared_memory(SMALL_TILE, 4, True, False) <= 101376
+
+
+def test_autotuning_is_bucketed_and_never_inside_a_capture(monkeypatch):
+    """Large GEMMs share an autotuner per power-of-two bucket of M and K, so a new batch size in a
+    tuned bucket times nothing; a shape first seen inside a CUDA graph capture raises a clear error
+    before anything launches."""
+    import kernels.triton.linear as triton_linear
+
+    autotuners = []
+    recorder = _KernelRecorder(None, run=False)
+    monkeypatch.setattr(triton_linear, "_autotuned", lambda *key: autotuners.append(key) or recorder)
+    monkeypatch.setattr(triton_linear, "_tuned_keys", set())
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+
+    def gemm(M, N=256, K=200):
+        x, w = torch.randn(M, K), torch.randn(N, K)
+        assert M * N * K > triton_linear.SMALL_PROBLEM
+        triton_linear.matmul(x, w.t(), torch.empty(M, N), activation="relu")
+
+    capturing[0] = True
+    with pytest.raises(RuntimeError, match="M=300, N=256, K=200 .* inside a CUDA graph capture.*warm-up"):
+        gemm(300)
+    assert recorder.launches == []
+    capturing[0] = False
+    gemm(300)
+    capturing[0] = True
+    gemm(500)  # the same buckets (512, 256): tuned already
+    with pytest.raises(RuntimeError, match="M=600"):
+        gemm(600)  # M's next bucket
+    with pytest.raises(RuntimeError, match="N=257"):
+        gemm(500, N=257)
+    assert len(recorder.launches) == 2
+    assert [key[4:] for key in autotuners] == [(512, 256), (512, 256)]
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_triton_activations_propagate_nan_and_saturate_at_inf(activation):
+    """NaN and +-inf through the forward and backward as torch gives them: relu keeps NaN (max would
+    drop it) and passes a NaN output's gradient (threshold_backward's y <= 0 ? 0 : dy); sigmoid
+    and tanh saturate at +-inf with zero gradient."""
+    kernels.set_backend("triton")
+    device = "cuda" if HAS_CUDA else "cpu"
+    values = [float("nan"), float("inf"), float("-inf"), 2.0, -3.0, 0.0]
+    x = torch.tensor(values, device=device).unsqueeze(1).requires_grad_()
+    w = torch.ones(1, 1, device=device, requires_grad=True)
+    b = torch.zeros(1, device=device, requires_grad=True)
+    y = kernels.linear(x, w, b, activation)
+    y.backward(torch.ones_like(y))
+    x_ref, w_ref, b_ref = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y_ref = ACTIVATIONS[activation]()(F.linear(x_ref, w_ref, b_ref))
+    y_ref.backward(torch.ones_like(y_ref))
+    for ours, theirs in ((y, y_ref), (x.grad, x_ref.grad), (w.grad, w_ref.grad), (b.grad, b_ref.grad)):
+        torch.testing.assert_close(ours, theirs, equal_nan=True)

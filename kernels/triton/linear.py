@@ -3,26 +3,38 @@
 With x (M, K), W (N, K), b (N), z = x W^T + b and y = act(z)::
 
     forward    y  = act(x W^T + b)            one GEMM; bias and activation in its epilogue
-    backward   dz = dy * act'(y)              relu: y > 0, sigmoid: y (1 - y), tanh: 1 - y^2, none: 1
+    backward   dz = dy * act'(y)              relu: y <= 0 ? 0 : dy, sigmoid: y (1 - y), tanh: 1 - y^2
                dx = dz W                      one GEMM, dz formed as its A operand is loaded
                dW = dz^T x,  db = sum_m dz    one GEMM, dz formed the same way; the programs of
                                               the first column block also sum db from the loaded dz
 
 so the backward never materialises dz, and the forward saves only y (activation "none" saves
-nothing). All three GEMMs are one kernel, C = epilogue(prologue(A) @ B), with the operands
-given by strides: the transposes (W^T, dz^T) and non-contiguous inputs cost no copies.
+nothing). The activations treat NaN and +-inf as torch.relu/sigmoid/tanh and relu's backward as
+torch's threshold_backward (a NaN output passes its gradient).
 
-Matmul precision follows PyTorch: fp32 inputs use full-precision ``ieee`` dots unless the user
-allowed TF32 (``kernels.triton.utils.dot_precision``); bf16/fp16 use the tensor cores and
-accumulate in fp32 (fp64, for the interpreter's tests, accumulates in fp64).
+All three GEMMs are one call, ``gemm(a, b, c, ...)``: C = epilogue(prologue(A) @ B) with A and B
+given as views of the stored tensors (``weight.t()``, ``dy.t()``), so transposes and
+non-contiguous inputs cost no copies. It runs one of two forms of the kernel, which take the same
+arguments:
 
-Large bf16/fp16 layers on Hopper and later (compute capability 9+) run the same three GEMMs on a
-second form of that kernel, built for the chip's tensor copy engine: every tile of A, Y, B and C
-moves through a TMA descriptor (between global and shared memory without the threads; partial
-tiles are zero-filled or clipped by the hardware), a transposed operand is read as stored and
-transposed on chip, and the grid is persistent, one program per multiprocessor walking the output
-tiles in the same grouped order. It takes what TMA takes: rows of unit stride, 16-byte-aligned
-starts and row strides; anything else runs on the generic kernel.
+* ``matmul``, the generic kernel: any strides; offsets in int64, so operands of 2^31 elements
+  and more are addressed correctly.
+* ``matmul_tma``, for large bf16/fp16 GEMMs on chips with the tensor copy engine (compute
+  capability 9+) whose shared memory holds its tiles: every tile of A, Y, B and C moves through a
+  TMA descriptor (partial tiles are zero-filled or clipped by the hardware), an operand stored
+  transposed is read as stored and transposed on chip, and the grid is persistent, one program per
+  multiprocessor walking the output tiles in grouped order. It takes what TMA can describe: rows of
+  unit stride that do not overlap, 16-byte-aligned starts and row strides.
+
+Matmul precision follows PyTorch: fp32 inputs use full-precision ``ieee`` dots unless PyTorch's
+settings allow TF32 (``kernels.triton.utils.dot_precision``); bf16/fp16 use the tensor cores and
+accumulate in fp32 (fp64, which exists for the interpreter's exact tests, accumulates in fp64).
+
+Large GEMMs are autotuned over tile tables, one per kernel form, operand width and prologue, less
+the tiles whose shared memory (``shared_memory``) exceeds what the chip gives a block. The
+autotuner remembers its choice per shape with M and K rounded up to powers of two (the batch is
+one of them), so a new batch size does not re-time every config; a shape first seen inside a CUDA
+graph capture raises instead of timing configs there. Small problems skip the autotuner.
 """
 from __future__ import annotations
 
@@ -33,37 +45,90 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.triton.utils import accumulator, autotune, dot_precision
+from kernels.triton.utils import accumulator, autotune, device_guard, dot_precision
 
-
-def _config(bm, bn, bk, stages, warps, pre_hook=None):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                         num_stages=stages, num_warps=warps, pre_hook=pre_hook)
-
-
-# H100 tiles (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): large ones for big GEMMs (those TMA
-# cannot take), mid ones for mid shapes, small-M ones for batch-64 layers. fp32 (and fp64 under
-# the interpreter) leaves out those that overflow shared memory or spill kilobytes of fp32 operand
-# registers on sm_90 (tests/hopper_compile.py). The interpreter runs the first config.
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps), measured on the H100. The generic kernel's:
+# large ones for big GEMMs (those TMA cannot take), mid ones for mid shapes, small-M ones for
+# batch-64 layers. The interpreter runs the first tile of a table.
 _TILES = [
     (128, 128, 64, 4, 4), (128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8), (256, 128, 64, 4, 8),
     (128, 128, 64, 3, 8), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
     (64, 64, 32, 5, 2), (32, 64, 64, 4, 4), (32, 128, 64, 4, 4), (16, 64, 128, 3, 4), (16, 128, 64, 4, 4),
 ]
-_TOO_BIG_FOR_FP32 = {(128, 128, 64, 4, 4), (128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8),
-                     (256, 128, 64, 4, 8), (128, 128, 32, 4, 4)}
-_CONFIGS = {16: [_config(*t) for t in _TILES], 32: [_config(*t) for t in _TILES if t not in _TOO_BIG_FOR_FP32]}
+HOPPER_SHARED_MEMORY = 227 * 1024  # what one block may take on sm_90 (H100, H200)
+# Tiles that spill registers on sm_90 (tests/hopper_compile.py), keyed like GENERIC_TILES: fp32
+# operands take the FMA path and hold fp32 operand tiles in registers; the activation-gradient
+# prologue (GRAD_OF) adds the fp32 dz.
+_SPILLS = {(2, False): set(), (2, True): {(128, 128, 64, 4, 4)},
+           (4, False): {(128, 128, 32, 4, 4)}, (4, True): {(128, 128, 32, 4, 4)}}
+# The TMA kernel's bf16/fp16 tiles, keyed by whether A has the prologue: the pipeline's stages of
+# A (and Y) and B tiles plus one C tile for the TMA store (128x256 with 3 stages takes 213 KB of
+# sm_90's 227 KB); with the prologue, fewer stages or smaller tiles.
+TMA_TILES = {
+    False: [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 5, 4), (256, 128, 64, 3, 8),
+            (64, 256, 64, 4, 4), (128, 128, 128, 3, 8)],
+    True: [(128, 256, 32, 4, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 8), (256, 128, 32, 3, 8),
+           (64, 256, 64, 4, 4), (128, 128, 128, 2, 8)],
+}
 
 # Problems up to this many multiply-adds skip the autotuner: at MNIST sizes its dispatch costs
-# more than the GEMM, and one small tile fits them all.
-_SMALL_PROBLEM = 1 << 23
-_SMALL_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+# more than the GEMM, and one small tile fits them all (within 99 KB of shared memory even in
+# fp32 with the prologue).
+SMALL_PROBLEM = 1 << 23
+SMALL_TILE = (32, 64, 64, 3, 4)
+GROUP_M = 8
+# Shared memory beyond the tiles: the TMA kernel's barriers, the row sums' reduction (bytes).
+_SHARED_SCRATCH = 2048
+
+
+def shared_memory(tile, element_size: int, prologue: bool, tma: bool) -> int:
+    """Shared memory a tile needs, in bytes (an upper bound, checked against the compiler's by
+    tests/hopper_compile.py): a buffer of the A tile (and of the Y tile with the prologue) and of
+    the B tile per pipeline stage, and for the TMA kernel the C tile its store goes through."""
+    bm, bn, bk, stages, _ = tile
+    need = stages * (bm * bk * (2 if prologue else 1) + bk * bn) * element_size + _SHARED_SCRATCH
+    return need + (bm * bn * element_size if tma else 0)
+
+
+# The generic kernel's tables, keyed by (bytes per operand element, whether A has the prologue):
+# the tiles that fit sm_90's shared memory and do not spill there.
+GENERIC_TILES = {(size, prologue): [t for t in _TILES if t not in spills
+                                    and shared_memory(t, size, prologue, False) <= HOPPER_SHARED_MEMORY]
+                 for (size, prologue), spills in _SPILLS.items()}
+
+
+@functools.cache
+def _chip(index: int) -> tuple[int, int, int]:
+    """(compute capability major, shared memory a block can opt in to, multiprocessors) of GPU ``index``."""
+    p = torch.cuda.get_device_properties(index)
+    return p.major, p.shared_memory_per_block_optin, p.multi_processor_count
+
+
+def fitting_tiles(tma: bool, dtype: torch.dtype, prologue: bool, device: torch.device) -> list[tuple]:
+    """The tiles of a table whose shared memory fits a block of ``device``'s chip (all of them
+    on a CPU, where the interpreter runs them). Where no tile of the generic kernel's table fits
+    (fp32 with the prologue on a chip with 99 KB), the small-problem tile, which does."""
+    element_size = min(dtype.itemsize, 4)  # float64 exists for the interpreter only
+    tiles = TMA_TILES[prologue] if tma else GENERIC_TILES[(element_size, prologue)]
+    if device.type != "cuda":
+        return tiles
+    limit = _chip(device.index)[1]
+    fitting = [t for t in tiles if shared_memory(t, element_size, prologue, tma) <= limit]
+    return fitting if fitting or tma else [SMALL_TILE]
+
+
+def _config(tile, pre_hook=None) -> triton.Config:
+    bm, bn, bk, stages, warps = tile
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M},
+                         num_stages=stages, num_warps=warps, pre_hook=pre_hook)
 
 
 @triton.jit
 def _activate(z, ACTIVATION: tl.constexpr):
+    """act(z) as torch computes it: relu keeps NaN (a select, where max would drop it), sigmoid and
+    tanh saturate at +-inf."""
     if ACTIVATION == "relu":
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0.0, 0.0, z)
     elif ACTIVATION == "sigmoid":
         z = tl.sigmoid(z)
     elif ACTIVATION == "tanh":
@@ -73,9 +138,9 @@ def _activate(z, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _activation_grad(dy, y, ACTIVATION: tl.constexpr):
-    """dz = dy * act'(z), written with the activation's output y."""
+    """dz = dy * act'(z), written with the activation's output y; relu as torch's threshold_backward."""
     if ACTIVATION == "relu":
-        dy = tl.where(y > 0.0, dy, 0.0)
+        dy = tl.where(y <= 0.0, 0.0, dy)
     elif ACTIVATION == "sigmoid":
         dy = dy * y * (1.0 - y)
     elif ACTIVATION == "tanh":
@@ -100,7 +165,7 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _fused_matmul_kernel(
     a_ptr, y_ptr, b_ptr, c_ptr, bias_ptr, row_sum_ptr,
     M, N, K,
-    stride_am, stride_ak, stride_ym, stride_yk, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_am, stride_ak, stride_ym, stride_yk, stride_bk, stride_bn, stride_cm,
     ACTIVATION: tl.constexpr,  # epilogue: C = act(A' B + bias)
     GRAD_OF: tl.constexpr,  # prologue: A' = A * act'(Y) for this activation, Y laid out like A ("none": A' = A)
     HAS_BIAS: tl.constexpr,
@@ -110,7 +175,8 @@ def _fused_matmul_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """C (M, N) = act(A' @ B + bias) with A' = prologue(A) (M, K), B (K, N), fp32/fp64 accumulation."""
+    """C (M, N) = act(A' @ B + bias) with A' = prologue(A) (M, K), B (K, N), C with unit column
+    stride; fp32/fp64 accumulation."""
     pid = tl.program_id(0)
     if STORE_C:
         pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -119,14 +185,19 @@ def _fused_matmul_kernel(
         pid_n = 0
 
     # Rows and columns wrap around (modulo) instead of being masked: loads stay in bounds and
-    # unmasked along M and N; the wrapped duplicates are never stored.
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    # unmasked along M and N; the wrapped duplicates are never stored. Index times stride is
+    # formed in int64: an operand of 2^31 elements or more overflows int32 offsets.
+    offs_m = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_k[None, :] * stride_yk
+    rows_k = offs_k.to(tl.int64)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + rows_k[None, :] * stride_ak
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + rows_k[None, :] * stride_yk
+    a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
+    y_step = tl.cast(stride_yk, tl.int64) * BLOCK_K
     if STORE_C:
-        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        offs_n = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+        b_ptrs = b_ptr + rows_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        b_step = tl.cast(stride_bk, tl.int64) * BLOCK_K
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     row_sum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
@@ -142,9 +213,9 @@ def _fused_matmul_kernel(
         if STORE_C:
             b = tl.load(b_ptrs, mask=k_in[:, None], other=0.0)
             acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-            b_ptrs += BLOCK_K * stride_bk
-        a_ptrs += BLOCK_K * stride_ak
-        y_ptrs += BLOCK_K * stride_yk
+            b_ptrs += b_step
+        a_ptrs += a_step
+        y_ptrs += y_step
 
     offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if ROW_SUM:
@@ -156,33 +227,8 @@ def _fused_matmul_kernel(
             bias = tl.load(bias_ptr + offs_cn, mask=offs_cn < N, other=0.0)
             acc += bias.to(ACC_DTYPE)[None, :]
         acc = _activate(acc, ACTIVATION)
-        c_ptrs = c_ptr + offs_cm[:, None] * stride_cm + offs_cn[None, :] * stride_cn
+        c_ptrs = c_ptr + offs_cm.to(tl.int64)[:, None] * stride_cm + offs_cn[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_cm[:, None] < M) & (offs_cn[None, :] < N))
-
-
-_fused_matmul_tuned = {
-    bits: autotune(configs, key=["M", "N", "K", "GRAD_OF", "ROW_SUM", "STORE_C"])(_fused_matmul_kernel)
-    for bits, configs in _CONFIGS.items()
-}
-
-
-def _matmul(a, a_strides, b, b_strides, c, M, N, K, *, y=None, y_strides=(0, 0), bias=None, row_sum=None,
-            activation="none", grad_of="none", store_c=True):
-    """Launches C = act(prologue(A) @ B + bias) (and/or the row sums of prologue(A)); c is
-    (M, N) contiguous, a and y are (M, K) and b is (K, N) through the given strides."""
-    dummy = c if store_c else row_sum  # any tensor for the pointers a variant never reads
-    args = (a, y if y is not None else dummy, b, c if store_c else dummy,
-            bias if bias is not None else dummy, row_sum if row_sum is not None else dummy,
-            M, N, K, *a_strides, *y_strides, *b_strides, N if store_c else 0, 1)
-    meta = dict(ACTIVATION=activation, GRAD_OF=grad_of, HAS_BIAS=bias is not None, ROW_SUM=row_sum is not None,
-                STORE_C=store_c, DOT_PRECISION=dot_precision(a.dtype), ACC_DTYPE=accumulator(a.dtype))
-    n_blocks = (lambda bn: triton.cdiv(N, bn)) if store_c else (lambda bn: 1)
-    if M * N * K <= _SMALL_PROBLEM:
-        grid = (triton.cdiv(M, _SMALL_CONFIG["BLOCK_M"]) * n_blocks(_SMALL_CONFIG["BLOCK_N"]),)
-        _fused_matmul_kernel[grid](*args, **meta, **_SMALL_CONFIG)
-    else:
-        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * n_blocks(META["BLOCK_N"]),)  # noqa: E731
-        _fused_matmul_tuned[16 if a.element_size() == 2 else 32][grid](*args, **meta)
 
 
 @triton.jit
@@ -195,7 +241,8 @@ def _fused_matmul_tma_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """_fused_matmul_kernel's C = act(A' @ B + bias) and row sums of A', with every tile of A, Y,
-    B and C moved by TMA; NUM_PROGRAMS programs share the output tiles round-robin."""
+    B and C moved by TMA; NUM_PROGRAMS programs share the output tiles round-robin. Tiles are
+    addressed by coordinates, so no offset here grows with the tensors' size."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # flatten: the compiler pipelines the loads of a program's next tile under this one's epilogue.
@@ -228,6 +275,113 @@ def _fused_matmul_tma_kernel(
         c_desc.store([m0, n0], acc.to(c_desc.dtype))
 
 
+# ---------------------------------------------------------------------------------------------
+# Autotuning: one autotuner per kernel form, dtype, prologue, device and (M, K) bucket.
+
+# What each form's autotuner tells shapes apart by, within one bucket.
+_GENERIC_KEY = ("N", "stride_am", "stride_ak", "stride_bk", "stride_bn", "ACTIVATION", "GRAD_OF", "HAS_BIAS",
+                "ROW_SUM", "STORE_C")
+_TMA_KEY = ("N", "A_TRANSPOSED", "B_TRANSPOSED", "ACTIVATION", "GRAD_OF", "HAS_BIAS", "ROW_SUM")
+_tuned_keys: set[tuple] = set()  # the keys each autotuner has already timed
+
+
+def bucket(n: int) -> int:
+    """The autotuner's bucket of a GEMM dimension: the next power of two."""
+    return triton.next_power_of_2(n)
+
+
+@functools.cache
+def _autotuned(tma: bool, dtype: torch.dtype, prologue: bool, device: torch.device, m_bucket: int, k_bucket: int):
+    """The autotuner for one form, dtype, prologue and device, over the tiles that fit the chip,
+    for the GEMMs whose M and K fall in these buckets (each autotuner keeps its own choices)."""
+    tiles = fitting_tiles(tma, dtype, prologue, device)
+    if tma:
+        return autotune([_config(t, pre_hook=_set_tma_blocks) for t in tiles], key=list(_TMA_KEY))(
+            _fused_matmul_tma_kernel)
+    return autotune([_config(t) for t in tiles], key=list(_GENERIC_KEY))(_fused_matmul_kernel)
+
+
+def _launch_tuned(tuned_args: tuple, key_names: tuple, grid, args: dict) -> None:
+    """Launches the autotuner for ``tuned_args`` (those of ``_autotuned``). The first launch of a
+    key times every config, synchronising the GPU: inside a CUDA graph capture that must not
+    happen, so it raises instead."""
+    key = (tuned_args, *(args[name] for name in key_names))
+    if key not in _tuned_keys and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        M, N, K = args["M"], args["N"], args["K"]
+        raise RuntimeError(
+            f"linear: a GEMM of shape M={M}, N={N}, K={K} reached its autotuner for the first time inside a CUDA "
+            "graph capture, where timing its configs is impossible; run the same step once before capturing "
+            "(the usual warm-up) so that every shape is tuned first")
+    _autotuned(*tuned_args)[grid](**args)
+    _tuned_keys.add(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers. Both forms take the same arguments: A and Y as (M, K) views, B as a (K, N) view.
+
+def matmul(a, b, c, *, y=None, bias=None, row_sum=None, activation="none", grad_of="none"):
+    """C (M, N) = act(A' @ B + bias) with A' = A * act'(Y) for ``grad_of`` (Y laid out like A) and
+    the row sums of A' into ``row_sum``, on the generic kernel. a, y: (M, K) and b: (K, N), any
+    strides; c: (M, N) with unit column stride, or None for the row sums alone."""
+    M, K = a.shape
+    N = b.shape[1]
+    store_c = c is not None
+    dummy = c if store_c else row_sum  # any tensor, for the pointers a variant never reads
+    args = dict(a_ptr=a, y_ptr=dummy if y is None else y, b_ptr=b, c_ptr=dummy,
+                bias_ptr=dummy if bias is None else bias, row_sum_ptr=dummy if row_sum is None else row_sum,
+                M=M, N=N, K=K, stride_am=a.stride(0), stride_ak=a.stride(1),
+                stride_ym=0 if y is None else y.stride(0), stride_yk=0 if y is None else y.stride(1),
+                stride_bk=b.stride(0), stride_bn=b.stride(1), stride_cm=c.stride(0) if store_c else 0,
+                ACTIVATION=activation, GRAD_OF=grad_of, HAS_BIAS=bias is not None, ROW_SUM=row_sum is not None,
+                STORE_C=store_c, DOT_PRECISION=dot_precision(a.dtype), ACC_DTYPE=accumulator(a.dtype))
+    n_blocks = (lambda bn: triton.cdiv(N, bn)) if store_c else (lambda bn: 1)
+    if M * N * K <= SMALL_PROBLEM:
+        bm, bn, bk, stages, warps = SMALL_TILE
+        grid = (triton.cdiv(M, bm) * n_blocks(bn),)
+        _fused_matmul_kernel[grid](**args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
+                                   num_stages=stages, num_warps=warps)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * n_blocks(meta["BLOCK_N"]),)  # noqa: E731
+        tuned = (False, a.dtype, grad_of != "none", a.device, bucket(M), bucket(K))
+        _launch_tuned(tuned, _GENERIC_KEY, grid, args)
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """Whether a TMA descriptor describes the 2-D tensor ``t`` as stored: rows of unit stride that
+    do not overlap (no stride-0 or expanded rows), 16-byte aligned start and row stride."""
+    return (t.shape[0] > 0 and t.shape[1] > 0 and t.stride(1) == 1 and t.stride(0) >= t.shape[1]
+            and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
+
+
+def _tma_view(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """(the tensor a descriptor describes, whether that is t transposed) for an operand view ``t``:
+    t itself, or t.T when t is a transposed view of a TMA-ready tensor; None if neither is."""
+    if _tma_ready(t):
+        return t, False
+    if _tma_ready(t.t()):
+        return t.t(), True
+    return None
+
+
+def _tma_kernel_fits(device: torch.device, dtype: torch.dtype, work: int, prologue: bool) -> bool:
+    """Whether a GEMM of ``work`` multiply-adds takes the TMA kernel on ``device`` (operands aside):
+    bf16/fp16, large enough, and a chip with the tensor copy engine (compute capability 9+) whose
+    shared memory holds at least one of the kernel's tiles."""
+    return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and work > SMALL_PROBLEM
+            and _chip(device.index)[0] >= 9 and bool(fitting_tiles(True, dtype, prologue, device)))
+
+
+def _use_tma(a, b, c, y) -> bool:
+    """Whether the GEMM of ``gemm``'s arguments takes the TMA kernel: the chip and size allow it,
+    TMA describes every operand, and Y is stored as A is."""
+    if c is None or not _tma_kernel_fits(c.device, c.dtype, c.numel() * a.shape[1], y is not None):
+        return False
+    views = [_tma_view(t) for t in (a, b, c) + ((y,) if y is not None else ())]
+    if None in views or views[2][1]:
+        return False
+    return y is None or views[3][1] == views[0][1]
+
+
 def _tma_blocks(meta) -> dict[str, list[int]]:
     """The tile shape of each descriptor, for a config and the layout flags in ``meta``."""
     bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
@@ -241,114 +395,70 @@ def _set_tma_blocks(nargs):
         nargs[name].block_shape = block
 
 
-def _tma_config(bm, bn, bk, stages, warps):
-    return _config(bm, bn, bk, stages, warps, pre_hook=_set_tma_blocks)
-
-
-# bf16/fp16 tiles for Hopper's 227 KB of shared memory per block: the pipeline's stages of A and
-# B tiles plus one C tile for the TMA store (128x256 with 3 stages takes 213 KB). With a prologue
-# (GRAD_OF) each stage also holds a tile of Y, so those configs have fewer stages or smaller tiles.
-_TMA_TILES = {  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps), without and with a prologue
-    False: [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 5, 4), (256, 128, 64, 3, 8),
-            (64, 256, 64, 4, 4), (128, 128, 128, 3, 8)],
-    True: [(128, 256, 32, 4, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 8), (256, 128, 32, 3, 8),
-           (64, 256, 64, 4, 4), (128, 128, 128, 2, 8)],
-}
-_TMA_CONFIGS = {with_y: [_tma_config(*t) for t in tiles] for with_y, tiles in _TMA_TILES.items()}
-_fused_matmul_tma_tuned = {
-    with_y: autotune(configs, key=["M", "N", "K", "A_TRANSPOSED", "B_TRANSPOSED", "GRAD_OF", "ROW_SUM"])(
-        _fused_matmul_tma_kernel)
-    for with_y, configs in _TMA_CONFIGS.items()
-}
-
-
-def _tma_ready(t: torch.Tensor) -> bool:
-    """What a TMA descriptor of a 2-D tensor needs: unit stride along the rows, 16-byte
-    aligned start and row stride."""
-    return (t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
-            and t.shape[0] > 0 and t.shape[1] > 0)
-
-
-@functools.cache
-def _device_properties(device: torch.device):
-    return torch.cuda.get_device_properties(device)
-
-
-def _use_tma(c: torch.Tensor, K: int, *operands: torch.Tensor | None) -> bool:
-    """Whether the GEMM writing ``c`` over a reduction of K, reading ``operands``, takes the TMA
-    kernel: bf16/fp16 on Hopper or later, large enough, every tensor TMA-ready."""
-    return (c.is_cuda and c.dtype in (torch.bfloat16, torch.float16) and c.numel() * K > _SMALL_PROBLEM
-            and _device_properties(c.device).major >= 9
-            and all(t is None or _tma_ready(t) for t in (c, *operands)))
-
-
-def matmul_tma(a, b, c, M, N, K, *, a_transposed=False, b_transposed=False, y=None, bias=None, row_sum=None,
-               activation="none", grad_of="none", num_programs=None):
-    """C (M, N) = act(A' @ B + bias), A' = A * act'(Y) for ``grad_of``, and the row sums of A'
-    into ``row_sum``, through the TMA kernel. a (and y) hold A (M, K), or A^T (K, M) with
-    ``a_transposed``; b holds B (K, N), or B^T (N, K) with ``b_transposed``; all are TMA-ready.
-    One program per multiprocessor unless ``num_programs`` says otherwise (the interpreter's tests)."""
+def matmul_tma(a, b, c, *, y=None, bias=None, row_sum=None, activation="none", grad_of="none", num_programs=None):
+    """``matmul`` on the TMA kernel, for operands that TMA describes (``_use_tma``). One program per
+    multiprocessor unless ``num_programs`` says otherwise (the interpreter's tests)."""
+    M, K = a.shape
+    N = b.shape[1]
+    prologue = grad_of != "none"
+    (a_stored, a_transposed), (b_stored, b_transposed) = _tma_view(a), _tma_view(b)
+    y_stored = a_stored if y is None else _tma_view(y)[0]
     if num_programs is None:
-        num_programs = _device_properties(c.device).multi_processor_count
+        num_programs = _chip(c.device.index)[2]
     layout = dict(A_TRANSPOSED=a_transposed, B_TRANSPOSED=b_transposed)
-    with_y = grad_of != "none"
-    # Descriptors start with the first config's tiles, the one the interpreter runs; on a GPU
-    # the autotuner's pre-hook sets each config's own.
-    blocks = _tma_blocks({**_TMA_CONFIGS[with_y][0].kwargs, **layout})
-    descriptors = [TensorDescriptor.from_tensor(t, blocks[name])
-                   for name, t in (("a_desc", a), ("y_desc", a if y is None else y), ("b_desc", b), ("c_desc", c))]
+    # Descriptors start with the first tile's shapes, the one the interpreter runs; on a GPU the
+    # autotuner's pre-hook sets each config's own.
+    first = fitting_tiles(True, a.dtype, prologue, c.device)[0]
+    blocks = _tma_blocks({**_config(first).kwargs, **layout})
+    descriptors = {name: TensorDescriptor.from_tensor(t, blocks[name])
+                   for name, t in (("a_desc", a_stored), ("y_desc", y_stored), ("b_desc", b_stored), ("c_desc", c))}
 
     def grid(meta):
         return (min(num_programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
-    _fused_matmul_tma_tuned[with_y][grid](
-        *descriptors, c if bias is None else bias, c if row_sum is None else row_sum, M, N, K, **layout,
-        ACTIVATION=activation, GRAD_OF=grad_of, HAS_BIAS=bias is not None, ROW_SUM=row_sum is not None,
-        NUM_PROGRAMS=num_programs)
+    args = dict(**descriptors, bias_ptr=c if bias is None else bias, row_sum_ptr=c if row_sum is None else row_sum,
+                M=M, N=N, K=K, **layout, ACTIVATION=activation, GRAD_OF=grad_of, HAS_BIAS=bias is not None,
+                ROW_SUM=row_sum is not None, NUM_PROGRAMS=num_programs)
+    _launch_tuned((True, a.dtype, prologue, c.device, bucket(M), bucket(K)), _TMA_KEY, grid, args)
 
+
+def gemm(a, b, c, *, y=None, bias=None, row_sum=None, activation="none", grad_of="none"):
+    """``matmul``'s GEMM on the TMA kernel where ``_use_tma`` allows, on the generic one otherwise."""
+    launch = matmul_tma if _use_tma(a, b, c, y) else matmul
+    launch(a, b, c, y=y, bias=bias, row_sum=row_sum, activation=activation, grad_of=grad_of)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend's functions (kernels/ops/linear.py calls them).
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
     """y = act(x W^T + b) for x (M, K) with any strides, weight (N, K), bias (N,) or None."""
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    bias = None if bias is None else bias.contiguous()
-    if M and N and K and _use_tma(y, K, x, weight):
-        matmul_tma(x, weight, y, M, N, K, b_transposed=True, bias=bias, activation=activation)
-    elif M and N:
-        # B = W^T: element (k, n) is W[n, k].
-        _matmul(x, x.stride(), weight, (weight.stride(1), weight.stride(0)), y, M, N, K, bias=bias,
-                activation=activation)
+    if M and N:
+        with device_guard(x):
+            gemm(x, weight.t(), y, bias=None if bias is None else bias.contiguous(), activation=activation)
     return y
 
 
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor | None, activation: str,
              need_x: bool, need_weight: bool, need_bias: bool):
-    """(dx, dW, db) of y = act(x W^T + b), each None unless needed; y may be None for "none"."""
+    """(dx, dW, db) of y = act(x W^T + b), each None unless needed; y may be None for "none".
+    Launches one GEMM for dx and one for dW and db together, each only when needed."""
     M, K = x.shape
     N = weight.shape[0]
-    if not _tma_ready(dy) and _use_tma(x, N, weight):
+    if _tma_view(dy) is None and _tma_kernel_fits(x.device, x.dtype, M * N * K, activation != "none"):
         # A layer large enough for the TMA kernel, but a dy it cannot read (y.sum() gives stride
         # 0): one copy of dy costs a small fraction of the GEMMs it lets run there.
         dy = dy.contiguous()
-    y_strides = (0, 0) if y is None else y.stride()
-    dx = dw = db = None
-    if need_x:
-        dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
-        if M and K and N and _use_tma(dx, N, dy, weight, y):
-            matmul_tma(dy, weight, dx, M, K, N, y=y, grad_of=activation)
-        elif M and K:
-            _matmul(dy, dy.stride(), weight, weight.stride(), dx, M, K, N, y=y, y_strides=y_strides,
-                    grad_of=activation)
-    if need_weight or need_bias:
-        dw = torch.empty((N, K), device=x.device, dtype=x.dtype) if need_weight else None
-        db = torch.empty((N,), device=x.device, dtype=x.dtype) if need_bias else None
-        store_c = need_weight and K > 0
-        if store_c and M and N and _use_tma(dw, M, dy, x, y):
-            # A = dz^T: dy and y as stored are A^T.
-            matmul_tma(dy, x, dw, N, K, M, a_transposed=True, y=y, row_sum=db, grad_of=activation)
-        elif N and (store_c or need_bias):
-            # A = dz^T (N, M): element (n, m) is dz[m, n]; B = x (M, K).
-            _matmul(dy, dy.stride()[::-1], x, x.stride(), dw if store_c else None, N, K, M,
-                    y=y, y_strides=y_strides[::-1], row_sum=db, grad_of=activation, store_c=store_c)
+    dx = torch.empty((M, K), device=x.device, dtype=x.dtype) if need_x else None
+    dw = torch.empty((N, K), device=x.device, dtype=x.dtype) if need_weight else None
+    db = torch.empty((N,), device=x.device, dtype=x.dtype) if need_bias else None
+    with device_guard(x):
+        if need_x and M and K:
+            gemm(dy, weight, dx, y=y, grad_of=activation)  # dx = dz W: A = dy (M, N), B = W (N, K)
+        store_w = need_weight and K > 0
+        if N and (store_w or need_bias):  # dW = dz^T x, db = row sums of dz^T: A = dy^T (N, M), B = x (M, K)
+            gemm(dy.t(), x, dw if store_w else None, y=None if y is None else y.t(), row_sum=db, grad_of=activation)
     return dx, dw, db

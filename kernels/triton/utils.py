@@ -1,5 +1,6 @@
 """Helpers that every Triton launcher shares: autotuning that also works under the
-interpreter, the fp32 dot precision PyTorch would use, and the accumulator dtype."""
+interpreter, the fp32 dot precision PyTorch would use, the accumulator dtype, and the guard that
+launches on the tensors' GPU."""
 from __future__ import annotations
 
 import contextlib
@@ -21,11 +22,27 @@ def autotune(configs: list[triton.Config], key: list[str], **kwargs):
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``input_precision`` for tl.dot: PyTorch's own choice for an fp32 matmul on CUDA (TF32 only
-    when the user allowed it), exact ``ieee`` for fp64, and the native tensor-core path otherwise."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """``input_precision`` for tl.dot: for fp32, what PyTorch would use for an fp32 matmul on CUDA
+    (``tf32`` only where its settings allow TF32, see ``tf32_allowed``); ``ieee`` for every other
+    dtype (exact for fp64; bf16/fp16 take the tensor cores either way)."""
+    return "tf32" if dtype == torch.float32 and tf32_allowed() else "ieee"
+
+
+def tf32_allowed() -> bool:
+    """PyTorch's rule for a CUDA fp32 matmul, read through whichever API the installed torch has.
+    Since torch 2.9 the setting is ``torch.backends.cuda.matmul.fp32_precision`` ("tf32" or
+    "ieee"; "none" defers to ``torch.backends.fp32_precision``), which
+    ``torch.set_float32_matmul_precision("high"/"medium")`` and the legacy ``allow_tf32 = True``
+    also set; reading ``allow_tf32`` there raises once the new API was used, so it is read only on
+    an older torch, which has nothing else."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = matmul.fp32_precision
+    except AttributeError:  # torch < 2.9
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
 
 
 def accumulator(dtype: torch.dtype):
