@@ -29,6 +29,7 @@ from kernels.ops.adam import FusedAdam, FusedAdamW  # noqa: E402
 from kernels.ops.cross_entropy import FusedCrossEntropyLoss, cross_entropy  # noqa: E402
 from kernels.ops.linear import ACTIVATIONS, FusedLinear, linear  # noqa: E402
 from kernels.ops.sgd import FusedSGD  # noqa: E402
+from kernels.convert import fuse, fuse_optimizer  # noqa: E402
 
 try:
     __version__ = _metadata.version("ffnn-fused-kernels")
@@ -48,4 +49,6 @@ __all__ = [
     "FusedAdam",
     "FusedAdamW",
     "FusedSGD",
+    "fuse",
+    "fuse_optimizer",
 ]

@@ -1,0 +1,50 @@
+"""Runs every tutorial example in full on this library and on plain PyTorch, one after the other,
+and prints the README's table of training time and result (the examples' own output is hidden).
+
+    python -m examples.measure --dataset fashion-mnist [--only mnist_mlp,mnist_nll]
+"""
+import argparse
+import contextlib
+import importlib
+import io
+
+# example: (what it trains, whether it trains on --dataset, how its result reads)
+SYSTEMS = {
+    "one_layer": ("784-10, Adam 1e-3, batch 100, 5 epochs, pixels in [0, 1]", True,
+                  lambda r: f"{100 * r['accuracy']:.2f} %"),
+    "toy_sigmoid": ("1-2-1 sigmoid, one sample, MSE, SGD lr 0.5, 500 steps", False,
+                    lambda r: f"output {r['output']:.4f} (target 0)"),
+    "regression": ("3-5-1 ReLU regression, MSE, SGD lr 0.01, 1000 full-batch steps", False,
+                   lambda r: f"MSE {r['losses'][-1]:.4f}"),
+    "mnist_mlp": ("784-128-64-10 ReLU, Adam 1e-3, batch 64, 5 epochs", True,
+                  lambda r: f"{100 * r['accuracy']:.2f} %"),
+    "mnist_mlp_sgd": ("784-512-128-10 ReLU, SGD lr 0.01 momentum 0.9, batch 64, 10 epochs", True,
+                      lambda r: f"{100 * r['accuracy']:.2f} %"),
+    "mnist_nll": ("784-128-64-10 ReLU, log_softmax + NLLLoss, Adam 3e-3, batch 64, 15 epochs", True,
+                  lambda r: f"{100 * r['accuracy']:.2f} %"),
+}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="fashion-mnist", help="for the examples that train on images")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--only", default=",".join(SYSTEMS), help="comma-separated examples (default: all)")
+    args = p.parse_args(argv)
+    print("| tutorial system | command | training time: ours | plain PyTorch | speed-up | result: ours | plain PyTorch |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name in args.only.split(","):
+        what, on_images, result = SYSTEMS[name]
+        data = ["--dataset", args.dataset] if on_images else []
+        runs = {}
+        for impl in ("fused", "torch"):
+            with contextlib.redirect_stdout(io.StringIO()):
+                runs[impl] = importlib.import_module(f"examples.{name}").main(["--device", args.device, *data, "--impl", impl])
+        fused, plain = runs["fused"], runs["torch"]
+        command = f"`python -m examples.{name}{''.join(' ' + a for a in data)}`"
+        print(f"| {what} | {command} | {fused['seconds']:.2f} s | {plain['seconds']:.2f} s | "
+              f"{plain['seconds'] / fused['seconds']:.2f}x | {result(fused)} | {result(plain)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
