@@ -537,6 +537,29 @@ def test_complex_parameters_as_torch(backend, cls):
     assert_same(ours, theirs)
 
 
+def test_rebuild_under_capture_names_what_changed(monkeypatch):
+    """The capture rules, run on the CPU by making the table look like a CUDA one inside a
+    capture: a gradient at a new address raises an error that names it and says how to avoid it
+    (no table is built), and an unchanged table launches only with capturable=True."""
+    p = torch.zeros(4, requires_grad=True)
+    p.grad = torch.ones(4)
+    opt = FusedAdam([p], lr=LR)
+    opt.step()
+    opt._tables[0].cuda = True
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="capturable is False"):
+        opt.step()
+    opt.param_groups[0]["capturable"] = True
+    opt.step()
+    p.grad = torch.ones(4)
+    with pytest.raises(RuntimeError, match=r"gradient of parameter 0 is a new tensor .*set_to_none=False"):
+        opt.step()
+    opt.state[p].clear()
+    with pytest.raises(RuntimeError, match="state 'exp_avg' of parameter 0 was replaced or cleared"):
+        opt.step()
+    assert opt.table_builds == 1 and opt.state[p] == {}  # nothing was built or created in the "capture"
+
+
 def test_ffnn_training_step_builds_the_table_once():
     """ffnn's training step keeps every gradient in one flat buffer: over several steps the
     optimizer's table is built exactly once and the gradient addresses never change."""
