@@ -560,6 +560,48 @@ def test_rebuild_under_capture_names_what_changed(monkeypatch):
     assert opt.table_builds == 1 and opt.state[p] == {}  # nothing was built or created in the "capture"
 
 
+SPECIALIZATION_CHECK = """
+import json, torch
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.runtime.jit import create_function_from_signature
+from kernels.triton import adam, sgd
+
+t = torch.empty(8, dtype=torch.int64)
+flags = dict(PARAM_DTYPE=None, COMPUTE=None, LR_ON_DEVICE=False, HAS_WEIGHT_DECAY=False, MAXIMIZE=False,
+             ALIGNED=True, BLOCK=1024)
+out = {}
+for lr in (0.0, 1e-3, 1e300):
+    bits = adam.float_bits(lr)
+    for name, fn, args, extra in (
+            ("adam", adam.adam_kernel, (t, t, t, None, None, None, 2048, bits, bits, bits, bits, bits),
+             dict(BETAS_ON_DEVICE=False, DECOUPLED=False, AMSGRAD=False)),
+            ("sgd", sgd.sgd_kernel, (t, t, t, None, 2048, bits, bits, bits, bits),
+             dict(MOMENTUM=False, NESTEROV=False))):
+        binder = create_function_from_signature(fn.signature, fn.params, CUDABackend)
+        out.setdefault(name, []).append(repr(binder(*args, **flags, **extra)[1]))
+print(json.dumps(out))
+"""
+
+
+def test_one_compiled_variant_for_every_scalar_value():
+    """The scalars reach the Triton kernels as int64 bits whatever their value: an lr of exactly
+    0.0 (bits 0, which Triton would type as int32) specialises the launch as 1e-3 does, so a
+    schedule starting at 0 compiles no second variant (checked with Triton's own argument binder,
+    which needs no GPU, outside the interpreter)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", SPECIALIZATION_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    for kernel, signatures in json.loads(done.stdout.splitlines()[-1]).items():
+        assert len(set(signatures)) == 1, (kernel, signatures)
+
+
 def test_ffnn_training_step_builds_the_table_once():
     """ffnn's training step keeps every gradient in one flat buffer: over several steps the
     optimizer's table is built exactly once and the gradient addresses never change."""
