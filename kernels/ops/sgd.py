@@ -96,12 +96,7 @@ class FusedSGD(FusedOptimizer):
             group.setdefault("foreach", None)
             group.setdefault("differentiable", False)
             group.setdefault("fused", False)
-            group.setdefault("capturable", False)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:  # a torch.optim.SGD state_dict has no capturable
-            group.setdefault("capturable", False)
+            group.setdefault("capturable", False)  # a torch.optim.SGD state_dict has none
 
     check_hyperparameters = staticmethod(check_hyperparameters)
     prepare_state = staticmethod(prepare_state)
