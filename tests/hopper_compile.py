@@ -10,7 +10,7 @@ The GEMM variants are what linear's launcher launches, recorded by running its `
 ``backward`` (and ``matmul_tma``) with the kernels replaced by recorders, so the tile tables, the
 small-problem tile and the arguments come from the launcher itself: an output head of
 16384 x 131072 (2^31 outputs) in bf16 and fp32 in every autotuner config of each use, and MNIST's
-first layer on the small-problem tile. The other kernels: cross-entropy over vocabulary-sized
+first layer on the small-problem tile in fp32 and fp64. The other kernels: cross-entropy over vocabulary-sized
 rows and MNIST's batch, Adam and SGD.
 
 Triton's wheel bundles ptxas, so this runs on any machine: tests/test_hopper_compile.py runs it
@@ -137,36 +137,68 @@ def empty(*shape, dtype=torch.bfloat16):
     return torch.empty(shape, dtype=dtype)
 
 
-class _Recorder:
-    """Stands in for a kernel (or an autotuner) of linear's launcher: ``[grid](**args)`` records
-    the arguments, with ``tiles``, the configs that launch would run, and launches nothing."""
+def recorded_launches(module, run) -> list[tuple]:
+    """(kernel, arguments by name, num_warps, num_stages) of each launch that ``run()`` makes
+    through ``module``'s kernels, which are replaced by recorders that launch nothing. A launch's
+    ``ok_ptr`` flag is set as the kernel sets it for valid inputs, for launchers that check it."""
+    launches = []
+    kernels = {name: fn for name, fn in vars(module).items() if isinstance(fn, triton.runtime.jit.JITFunction)}
 
-    def __init__(self, launches: list, tiles_of):
-        self.launches, self.tiles_of = launches, tiles_of
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
 
-    def __getitem__(self, grid):
-        return lambda **args: self.launches.append((self.tiles_of(args), args))
+        def __getitem__(self, grid):
+            def launch(*args, num_warps=4, num_stages=3, **kwargs):
+                named = {**dict(zip(self.fn.arg_names, args)), **kwargs}
+                launches.append((self.fn, named, num_warps, num_stages))
+                if "ok_ptr" in named:
+                    named["ok_ptr"].fill_(1)
+            return launch
+
+    try:
+        for name, fn in kernels.items():
+            setattr(module, name, Recorder(fn))
+        run()
+    finally:
+        for name, fn in kernels.items():
+            setattr(module, name, fn)
+    return launches
+
+
+def split_constexprs(fn, named: dict) -> tuple[dict, dict]:
+    """(run-time arguments, constexprs) of a launch's arguments by name."""
+    constexpr = {p.name for p in fn.params if p.is_constexpr}
+    return ({k: v for k, v in named.items() if k not in constexpr}, {k: v for k, v in named.items() if k in constexpr})
 
 
 def recorded_linear_launches(run) -> list[tuple[list, dict]]:
-    """(tiles, arguments) of each GEMM that ``run()`` launches through linear's launcher."""
-    launches = []
-    small = _Recorder(launches, lambda args: [linear.SMALL_TILE])
-    real_kernel, real_autotuned = linear._fused_matmul_kernel, linear._autotuned
-    linear._fused_matmul_kernel = small
-    linear._autotuned = lambda *key: _Recorder(launches, lambda args: linear.fitting_tiles(*key[:4]))
+    """(tiles, arguments) of each GEMM that ``run()`` launches through linear's launcher: the
+    small-problem tile for a direct launch, the tiles its autotuner would time for a tuned one."""
+    tuned = []
+
+    class Autotuner:  # stands in for what _autotuned returns: records instead of timing
+        def __init__(self, key):
+            self.key = key
+
+        def __getitem__(self, grid):
+            return lambda **args: tuned.append((linear.fitting_tiles(*self.key[:4]), args))
+
+    real = linear._autotuned
+    linear._autotuned = lambda *key: Autotuner(key)
     try:
-        run()
+        direct = recorded_launches(linear, run)
     finally:
-        linear._fused_matmul_kernel, linear._autotuned = real_kernel, real_autotuned
-    return launches
+        linear._autotuned = real
+    return [([linear.SMALL_TILE], args) for _, args, _, _ in direct] + tuned
 
 
 def linear_variants():
     """Every launch of linear's launcher on an output head past 2^31 elements (x 16384 x 4096,
     W 131072 x 4096: y, dy and their products cross 2^31) in bf16 and fp32, relu, in every tile
     of its table: the generic kernel's forward, dx and dW with db, and the TMA kernel's (which the
-    launcher picks on a Hopper GPU); MNIST's first layer on the small-problem tile."""
+    launcher picks on a Hopper GPU); MNIST's first layer on the small-problem tile in fp32 and
+    fp64 (which exists for the interpreter's tests, but CUDA tensors take it too)."""
     M, N, K = 16384, 131072, 4096
     uses = ("forward", "grad_input", "grad_weight")
     for dtype in (torch.bfloat16, torch.float32):
@@ -177,11 +209,10 @@ def linear_variants():
             linear.forward(x, w, b, "relu")
             linear.backward(y, x, w, y, "relu", True, True, True)
 
-        def tma_layer(x=x, w=w, b=b, y=y):
-            out = {"forward": y, "grad_input": x, "grad_weight": w}
-            linear.matmul_tma(x, w.t(), out["forward"], bias=b, activation="relu", num_programs=SM_COUNT)
-            linear.matmul_tma(y, w, out["grad_input"], y=y, grad_of="relu", num_programs=SM_COUNT)
-            linear.matmul_tma(y.t(), x, out["grad_weight"], y=y.t(), row_sum=b, grad_of="relu", num_programs=SM_COUNT)
+        def tma_layer(x=x, w=w, b=b, y=y):  # the GEMMs of layer() as gemm() gives them to matmul_tma on a GPU
+            linear.matmul_tma(x, w.t(), y, bias=b, activation="relu", num_programs=SM_COUNT)
+            linear.matmul_tma(y, w, x, y=y, grad_of="relu", num_programs=SM_COUNT)  # outputs: any of their shape
+            linear.matmul_tma(y.t(), x, w, y=y.t(), row_sum=b, grad_of="relu", num_programs=SM_COUNT)
 
         name = str(dtype).replace("torch.", "")
         forms = [("generic", linear._fused_matmul_kernel, layer)]
@@ -190,60 +221,45 @@ def linear_variants():
         for form, kernel, run in forms:
             for use, (tiles, args) in zip(uses, recorded_linear_launches(run)):
                 yield from _gemm_variants(f"linear {form} {name} {use}", kernel, tiles, args, dtype, form == "TMA")
-    x, w, b = empty(64, 784, dtype=torch.float32), empty(128, 784, dtype=torch.float32), empty(128, dtype=torch.float32)
-    y = empty(64, 128, dtype=torch.float32)
-    launches = recorded_linear_launches(lambda: (linear.forward(x, w, b, "relu"),
-                                                 linear.backward(y, x, w, y, "relu", False, True, True)))
-    for use, (tiles, args) in zip(("forward", "grad_weight"), launches):
-        yield from _gemm_variants(f"linear small float32 {use}", linear._fused_matmul_kernel, tiles, args,
-                                  torch.float32, False)
+    for dtype in (torch.float32, torch.float64):
+        x, w, b, y = empty(64, 784, dtype=dtype), empty(128, 784, dtype=dtype), empty(128, dtype=dtype), empty(
+            64, 128, dtype=dtype)
+        launches = recorded_linear_launches(lambda: (linear.forward(x, w, b, "relu"),
+                                                     linear.backward(y, x, w, y, "relu", False, True, True)))
+        name = str(dtype).replace("torch.", "")
+        for use, (tiles, args) in zip(("forward", "grad_weight"), launches):
+            yield from _gemm_variants(f"linear small {name} {use}", linear._fused_matmul_kernel, tiles, args, dtype,
+                                      False)
 
 
 def _gemm_variants(name, kernel, tiles, args, dtype, tma):
     """One variant per tile of a recorded GEMM launch, with the launcher's shared memory estimate."""
-    constexpr = {p.name for p in kernel.params if p.is_constexpr}
-    runtime = {k: v for k, v in args.items() if k not in constexpr}
-    flags = {k: v for k, v in args.items() if k in constexpr}
+    runtime, flags = split_constexprs(kernel, args)
     prologue = flags["GRAD_OF"] != "none"
     for tile in tiles:
         config = linear._config(tile)
         constants = {**flags, **config.kwargs}
         if tma:
             linear._set_tma_blocks({**runtime, **constants})  # the autotuner's pre-hook, as before each config
-        estimate = linear.shared_memory(tile, min(dtype.itemsize, 4), prologue, tma)
+        estimate = linear.shared_memory(tile, dtype.itemsize, prologue, tma)
         yield name, kernel, runtime, constants, config.num_warps, config.num_stages, {"shared_estimate": estimate}
 
 
 def cross_entropy_variants():
-    """bf16 logits: vocabulary-sized rows (streamed) and MNIST's 10 classes (one block), plain and
-    with weights and label smoothing; the statistics and grad-scaling kernels."""
-    for N, C in ((8192, 32000), (4096, 128256), (64, 10)):
-        logits, target, weight = empty(N, C), empty(N, dtype=torch.int64), empty(C)
-        stats, loss = empty(2, dtype=torch.float32), empty(N, dtype=torch.float32)
-        if C == 32000:
-            yield ("cross_entropy target stats", cross_entropy._target_stats_kernel,
-                   dict(target_ptr=target, weight_ptr=weight, stats_ptr=stats, ok_ptr=empty(1, dtype=torch.int32),
-                        N=N, C=C, ignore_index=-100),
-                   dict(HAS_WEIGHT=True, SUM_WEIGHT=True, COMPUTE=tl.float32, BLOCK=cross_entropy.STATS_BLOCK), 8, 3)
-            yield ("cross_entropy scale grad", cross_entropy._scale_grad_kernel,
-                   dict(grad_ptr=logits, grad_output_ptr=loss, grad_output_stride=1, C=C),
-                   dict(COMPUTE=tl.float32, BLOCK=cross_entropy.SCALE_BLOCK), 8, 3)
-        if C == 10:  # MNIST's batch: the one-program kernel
-            block_c = triton.next_power_of_2(C)
-            args = dict(logits_ptr=logits, target_ptr=target, weight_ptr=weight, loss_ptr=loss,
-                        ok_ptr=empty(1, dtype=torch.int32), grad_ptr=logits, N=N, C=C, ignore_index=-100)
-            for smoothing, weighted, reduction in ((0.0, False, "mean"), (0.1, True, "none")):
-                yield ("cross_entropy small batch", cross_entropy._small_cross_entropy_kernel, args,
-                       dict(LABEL_SMOOTHING=smoothing, HAS_WEIGHT=weighted, REDUCTION=reduction, COMPUTE_GRAD=True,
-                            COMPUTE=tl.float32, BLOCK_N=min(N, cross_entropy.SMALL_TILE // block_c),
-                            BLOCK_C=block_c), 4, 3)
-        block, num_warps, single = cross_entropy._row_config(C)
-        args = dict(logits_ptr=logits, target_ptr=target, weight_ptr=weight, stats_ptr=stats, loss_ptr=loss,
-                    grad_ptr=logits, C=C, ignore_index=-100)
-        for smoothing, weighted in ((0.0, False), (0.1, True)):
-            yield (f"cross_entropy rows C={C}", cross_entropy._cross_entropy_kernel, args,
-                   dict(LABEL_SMOOTHING=smoothing, HAS_WEIGHT=weighted, MEAN=True, COMPUTE_GRAD=True,
-                        COMPUTE=tl.float32, BLOCK=block, SINGLE_BLOCK=single), num_warps, 3)
+    """What cross_entropy's launcher launches for bf16 logits: vocabulary-sized rows (streamed),
+    rows of 10 classes in a large batch (one block) and MNIST's batch (the one-program kernel),
+    each plain and with weights and label smoothing, and the backward's gradient scaling."""
+    for N, C in ((8192, 32000), (4096, 128256), (4096, 10), (64, 10)):
+        logits, target, weight = empty(N, C), torch.zeros(N, dtype=torch.int64), empty(C)
+
+        def run(logits=logits, target=target, weight=weight):
+            cross_entropy.forward(logits, target, None, -100, 0.0, "mean", logits)
+            cross_entropy.forward(logits, target, weight, -100, 0.1, "none", logits)
+            cross_entropy.backward(logits, empty(N, dtype=torch.float32))
+
+        for fn, named, num_warps, num_stages in recorded_launches(cross_entropy, run):
+            runtime, constants = split_constexprs(fn, named)
+            yield (f"cross_entropy {fn.__name__.strip('_')} C={C}", fn, runtime, constants, num_warps, num_stages)
 
 
 def adam_variants():

@@ -107,13 +107,13 @@ def _chip(index: int) -> tuple[int, int, int]:
 def fitting_tiles(tma: bool, dtype: torch.dtype, prologue: bool, device: torch.device) -> list[tuple]:
     """The tiles of a table whose shared memory fits a block of ``device``'s chip (all of them
     on a CPU, where the interpreter runs them). Where no tile of the generic kernel's table fits
-    (fp32 with the prologue on a chip with 99 KB), the small-problem tile, which does."""
-    element_size = min(dtype.itemsize, 4)  # float64 exists for the interpreter only
-    tiles = TMA_TILES[prologue] if tma else GENERIC_TILES[(element_size, prologue)]
+    (fp32 with the prologue on a chip with 99 KB), the small-problem tile, which does. float64
+    (for the interpreter's tests) takes fp32's table, less what its wider elements overflow."""
+    tiles = TMA_TILES[prologue] if tma else GENERIC_TILES[(min(dtype.itemsize, 4), prologue)]
     if device.type != "cuda":
         return tiles
     limit = _chip(device.index)[1]
-    fitting = [t for t in tiles if shared_memory(t, element_size, prologue, tma) <= limit]
+    fitting = [t for t in tiles if shared_memory(t, dtype.itemsize, prologue, tma) <= limit]
     return fitting if fitting or tma else [SMALL_TILE]
 
 
@@ -367,7 +367,7 @@ def _tma_kernel_fits(device: torch.device, dtype: torch.dtype, work: int, prolog
     """Whether a GEMM of ``work`` multiply-adds takes the TMA kernel on ``device`` (operands aside):
     bf16/fp16, large enough, and a chip with the tensor copy engine (compute capability 9+) whose
     shared memory holds at least one of the kernel's tiles."""
-    return (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and work > SMALL_PROBLEM
+    return (dtype in (torch.bfloat16, torch.float16) and work > SMALL_PROBLEM and device.type == "cuda"
             and _chip(device.index)[0] >= 9 and bool(fitting_tiles(True, dtype, prologue, device)))
 
 
@@ -448,7 +448,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, y: torch.T
     Launches one GEMM for dx and one for dW and db together, each only when needed."""
     M, K = x.shape
     N = weight.shape[0]
-    if _tma_view(dy) is None and _tma_kernel_fits(x.device, x.dtype, M * N * K, activation != "none"):
+    if _tma_kernel_fits(x.device, x.dtype, M * N * K, activation != "none") and _tma_view(dy) is None:
         # A layer large enough for the TMA kernel, but a dy it cannot read (y.sum() gives stride
         # 0): one copy of dy costs a small fraction of the GEMMs it lets run there.
         dy = dy.contiguous()
