@@ -6,7 +6,8 @@ smoothing eps and the reduction's scale s (1/denominator for "mean", 1 otherwise
 
     lse   = log sum_c exp(x_c) = max + log_sum,   log_sum = log sum_c exp(x_c - max)
     loss  = s [ (1 - eps) w_t (lse - x_t) + eps/C sum_c w_c (lse - x_c) ]
-    dx_j  = s [ p_j ((1 - eps) w_t + eps/C W) - eps/C w_j - (1 - eps) w_t [j == t] ],   p_j = exp(x_j - lse),  W = sum_c w_c
+    dx_j  = s [ p_j ((1 - eps) w_t + eps/C W) - eps/C w_j - (1 - eps) w_t [j == t] ]
+    p_j   = exp(x_j - lse),   W = sum_c w_c
 
 ``denominator`` is the sum of w_t over the rows whose target is not ignore_index. Every
 ``lse - x`` is formed as ``log_sum - (x - max)``, as log_softmax does, so that its error does not
@@ -15,20 +16,21 @@ grow with the logits' magnitude. A row whose target is ignore_index has loss 0 a
 a row whose target is out of [0, C) gets NaN loss and gradient. Row offsets are int64 products,
 so tensors past 2^31 elements are addressed correctly.
 
-Three launches per forward (and torch's sum of the row losses for "sum" and "mean"), none of
-them waiting on the host:
+Two kernels per forward, none of them waiting on the host:
 
 1. ``_target_stats_kernel`` (one program): the denominator, W, and a flag that every target is
-   ignore_index or in range (the caller turns it into a device-side assert).
+   ignore_index or in range (which ``raise_for_bad_targets`` turns into a device-side assert, one
+   more small launch on CUDA).
 2. ``_cross_entropy_kernel`` (one program per row): pass 1 streams the row in blocks with an online
    softmax that keeps a running max and sum per lane; pass 2 walks the blocks back (the last ones
    read are likeliest still in L2), writes dx and sums the smoothing term. A row that fits in one
    block is loaded once and kept in registers.
 
+then, for "sum" and "mean", torch's sum of the row losses (and its cast to a 16-bit logits dtype).
 Small batches (up to SMALL_PROBLEM logits, rows of at most SMALL_MAX_C, such as MNIST's 64 x 10)
-are launch-bound, so ``_small_cross_entropy_kernel`` does all three in one program: one pass over
+are launch-bound, so ``_small_cross_entropy_kernel`` does all of it in one program: one pass over
 the targets for the statistics, then the rows in tiles of whole rows, summing the loss in row
-order (deterministic, as the separate sum is).
+order (deterministic, as the separate sum is) and storing it in the logits' dtype.
 
 The backward's ``_scale_grad_kernel`` multiplies dx by grad_output in place; its programs read
 grad_output from device memory and return at once when it is 1, the usual case. That launch
