@@ -10,7 +10,7 @@ import io
 
 # example: (what it trains, whether it trains on --dataset, how its result reads)
 SYSTEMS = {
-    "one_layer": ("784-10, Adam 1e-3, batch 100, 5 epochs, pixels in [0, 1]", True,
+    "one_layer": ("784-10 (one layer), Adam 1e-3, batch 100, 5 epochs, pixels in [0, 1]", True,
                   lambda r: f"{100 * r['accuracy']:.2f} %"),
     "toy_sigmoid": ("1-2-1 sigmoid, one sample, MSE, SGD lr 0.5, 500 steps", False,
                     lambda r: f"output {r['output']:.4f} (target 0)"),
