@@ -537,7 +537,15 @@ def test_ctrl_c_while_torch_imports_exits_quietly(data_dir, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ffnn.train", *RUN, "--data-dir", str(data_dir),
                              "--out", str(tmp_path / "o")], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # importing torch alone takes longer
+    def importing_torch() -> bool:  # torch's libraries are being mapped: the import has begun
+        try:
+            return "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
+        except OSError:  # it has exited
+            return True
+
+    deadline = time.monotonic() + 120
+    while not importing_torch() and time.monotonic() < deadline:
+        time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == train.INTERRUPTED and stderr == "" and stdout == ""
