@@ -57,9 +57,15 @@ class BuildExt(build_ext):
         return dst, True
 
 
-extra_compile_args = ["-O3", "-fopenmp", "-Wno-psabi", "-fno-math-errno"]
+# -pthread: the kernels' thread pool (csrc/common.h); no OpenMP runtime beside PyTorch's.
+extra_compile_args = ["-O3", "-pthread", "-Wno-psabi", "-fno-math-errno"]
+extra_link_args = ["-pthread"]
 if os.environ.get("KERNELS_NATIVE") == "1":  # opt-in for a local build tuned to this CPU
     extra_compile_args.append("-march=native")
+if os.environ.get("KERNELS_SANITIZE") == "1":  # AddressSanitizer, UBSan, libstdc++'s checks: see README
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+    extra_compile_args += [*sanitize, "-D_GLIBCXX_ASSERTIONS", "-g"]
+    extra_link_args += sanitize
 
 ext_modules = [
     Pybind11Extension(
@@ -68,7 +74,7 @@ ext_modules = [
         include_dirs=["csrc"],
         depends=sorted(glob.glob("csrc/*.h")),
         extra_compile_args=extra_compile_args,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=extra_link_args,
         cxx_std=17,
     )
 ]

@@ -5,18 +5,24 @@
 // points have already checked shapes, dtypes, devices and contiguity, so kernels trust them.
 #pragma once
 
-#include <omp.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
 #endif
 #include <pybind11/pybind11.h>
 
+#include <pthread.h>
+
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <functional>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -175,9 +181,9 @@ KERNELS_INLINE void vstore_upto(T* p, Vec<T, VB> v, int64_t n) {
 // compiled for current_isa() (64-byte vectors on AVX-512, 32 on AVX2,
 // 16 on baseline SSE2). `impl` must be a function template `template <int VB, class... > ...`
 // marked KERNELS_INLINE so that its body is compiled inside each target-specific wrapper.
-// `impl` must not open OpenMP regions: GCC outlines a region into a new function that drops
-// the target attribute (the body would fall back to SSE). Split work with parallel_for below
-// and call the multiversioned function once per chunk.
+// Split work with parallel_for below and call the multiversioned function once per chunk, not
+// the other way round: a lambda inside `impl` is a function of its own, without the target
+// attribute (its body would fall back to SSE).
 #define KERNELS_MULTIVERSION(name, impl)                                                    \
   template <class... A>                                                                     \
   KERNELS_TARGET_AVX512 static void name##_avx512(A... a) { impl<64>(a...); }               \
@@ -203,21 +209,158 @@ inline int threads_for(int64_t work, int num_threads, int64_t min_work_per_threa
   return int(t < num_threads ? t : num_threads);
 }
 
-// Calls f(begin, end) on contiguous chunks of [0, n), one chunk per thread.
+// The extension's one pool of worker threads (instead of an OpenMP team), built so that a
+// thread the OS has descheduled never holds the others up:
+// * The caller takes part, and every chunk of a job goes to whichever thread claims it first
+//   (one atomic ticket), so the caller waits only for chunks a worker has already started. With
+//   the other cores busy (another process, PyTorch's own OpenMP threads spinning after an op),
+//   the caller runs the whole job itself at one thread's speed, where a fork-join team waits at
+//   its barrier for a member to be scheduled again (the first-run issue: 11x slower on 2 busy
+//   cores).
+// * An idle worker spins for kSpinNanoseconds (a training step's kernels come microseconds
+//   apart), then sleeps on a condition variable, so it never busy-waits against other threads
+//   for longer than that. The caller wakes sleepers only when there are any.
+// * One job at a time: a call made while the pool is busy (another Python thread, or a kernel
+//   calling parallel_for from inside a chunk) runs on its own thread.
+// * A child process forked from this one starts a new, empty pool (the parent's workers do
+//   not exist there).
+class ThreadPool {
+ public:
+  using Chunk = void (*)(void* context, int64_t chunk);
+
+  static ThreadPool& get() { return *current(); }
+
+  // Calls chunk(context, c) for every c in [0, chunks), on the calling thread and up to
+  // threads - 1 workers; returns when all have returned.
+  void run(int64_t chunks, int threads, Chunk chunk, void* context) {
+    if (threads <= 1 || chunks <= 1 || chunks > kMaxChunks || !caller_.try_lock()) {
+      for (int64_t c = 0; c < chunks; ++c) chunk(context, c);
+      return;
+    }
+    std::lock_guard<std::mutex> unlock(caller_, std::adopt_lock);
+    while (workers_ < threads - 1 && workers_ < kMaxChunks) {
+      std::thread(&ThreadPool::work_loop, this, job_).detach();
+      ++workers_;
+    }
+    chunk_ = chunk;
+    context_ = context;
+    pending_.store(chunks, std::memory_order_relaxed);
+    ticket_.store(ticket(++job_, chunks, 0), std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      { std::lock_guard<std::mutex> lock(sleep_mutex_); }
+      wake_.notify_all();
+    }
+    std::exception_ptr error;
+    claim_chunks(job_, &error);
+    for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) {
+      if (spin < kCallerSpins)
+        pause();
+      else
+        std::this_thread::yield();  // a worker holding a chunk may be waiting for this core
+    }
+    if (error) std::rethrow_exception(error);
+  }
+
+ private:
+  static constexpr int64_t kMaxChunks = 0xffff;
+  static constexpr int kCallerSpins = 2000;
+  static constexpr int64_t kSpinNanoseconds = 100000;
+
+  ThreadPool() = default;
+
+  // Never destroyed: detached workers may still be waiting on it while the process exits.
+  static ThreadPool*& current() {
+    static ThreadPool* pool = [] {
+      pthread_atfork(nullptr, nullptr, [] { current() = new ThreadPool; });  // the parent's pool leaks in the child
+      return new ThreadPool;
+    }();
+    return pool;
+  }
+
+  // The ticket packs the job number (32 bits), its chunk count and the next chunk to claim (16 bits each).
+  static uint64_t ticket(uint32_t job, int64_t chunks, int64_t next) {
+    return uint64_t(job) << 32 | uint64_t(chunks) << 16 | uint64_t(next);
+  }
+  static uint32_t job_of(uint64_t t) { return uint32_t(t >> 32); }
+  static int64_t chunks_of(uint64_t t) { return int64_t(t >> 16 & 0xffff); }
+  static int64_t next_of(uint64_t t) { return int64_t(t & 0xffff); }
+
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#endif
+  }
+
+  // Claims and runs chunks of `job` until none is left. A claim is a compare-exchange on the
+  // ticket, so a thread that saw an older job never takes a chunk of a newer one. The caller
+  // passes `error`, where the first exception of its chunks is kept (the job's other chunks
+  // still run: they may be running on workers already); on a worker an exception terminates,
+  // as it would escaping an OpenMP region.
+  void claim_chunks(uint32_t job, std::exception_ptr* error = nullptr) {
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    while (job_of(t) == job && next_of(t) < chunks_of(t)) {
+      if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      if (error == nullptr) {
+        chunk_(context_, next_of(t));  // the job's fields are stable until its last chunk is done
+      } else {
+        try {
+          chunk_(context_, next_of(t));
+        } catch (...) {
+          if (!*error) *error = std::current_exception();
+        }
+      }
+      pending_.fetch_sub(1, std::memory_order_release);
+      t = ticket_.load(std::memory_order_acquire);
+    }
+  }
+
+  void work_loop(uint32_t seen) {
+    for (;;) {
+      seen = wait_for_job(seen);
+      claim_chunks(seen);
+    }
+  }
+
+  // Spins, then sleeps, until a job numbered other than `seen` is published; returns its number.
+  uint32_t wait_for_job(uint32_t seen) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(kSpinNanoseconds);
+    for (int spin = 1;; ++spin) {
+      const uint32_t job = job_of(ticket_.load(std::memory_order_acquire));
+      if (job != seen) return job;
+      if (spin % 256 == 0 && std::chrono::steady_clock::now() > until) break;
+      pause();
+    }
+    std::unique_lock<std::mutex> lock(sleep_mutex_);
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    uint32_t job;
+    while ((job = job_of(ticket_.load(std::memory_order_seq_cst))) == seen) wake_.wait(lock);
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
+    return job;
+  }
+
+  std::mutex caller_;  // held by the thread whose job runs
+  int workers_ = 0;
+  uint32_t job_ = 0;
+  Chunk chunk_ = nullptr;
+  void* context_ = nullptr;
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<int64_t> pending_{0};  // chunks of the current job not yet finished
+  std::mutex sleep_mutex_;
+  std::condition_variable wake_;
+  std::atomic<int> sleepers_{0};
+};
+
+// Calls f(begin, end) on contiguous chunks of [0, n), one chunk per thread, on the pool above.
 template <class F>
 void parallel_for(int64_t n, int num_threads, F&& f) {
-  if (num_threads <= 1 || n <= 1) {
+  const int64_t chunks = n < num_threads ? n : num_threads;
+  if (chunks <= 1) {
     if (n > 0) f(int64_t(0), n);
     return;
   }
-#pragma omp parallel num_threads(num_threads)
-  {
-    const int64_t team = omp_get_num_threads();
-    const int64_t chunk = (n + team - 1) / team;
-    const int64_t begin = omp_get_thread_num() * chunk;
-    const int64_t end = begin + chunk < n ? begin + chunk : n;
-    if (begin < end) f(begin, end);
-  }
+  auto body = [&](int64_t c) { f(n * c / chunks, n * (c + 1) / chunks); };
+  ThreadPool::get().run(chunks, num_threads, [](void* context, int64_t c) { (*static_cast<decltype(body)*>(context))(c); },
+                        &body);
 }
 
 // While alive, the calling thread treats subnormal inputs as zero and flushes subnormal results
