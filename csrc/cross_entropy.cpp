@@ -17,6 +17,7 @@
 // so dx may be the logits themselves. Rows are split across threads; everything within a row is
 // SIMD, exp included (a polynomial, below).
 #include "common.h"
+#include "entry_points.h"
 
 #include <sys/mman.h>
 
@@ -357,6 +358,8 @@ int64_t forward(uintptr_t logits, uintptr_t target, uintptr_t weight, uintptr_t 
   return -1;
 }
 
+}  // namespace
+
 int64_t cross_entropy_forward(const std::string& dtype, uintptr_t logits, uintptr_t target, uintptr_t weight,
                               uintptr_t loss, uintptr_t grad, int64_t N, int64_t C, int64_t ignore_index,
                               double label_smoothing, const std::string& reduction, int num_threads) {
@@ -369,6 +372,8 @@ int64_t cross_entropy_forward(const std::string& dtype, uintptr_t logits, uintpt
   });
   return bad_row;
 }
+
+namespace {
 
 void cross_entropy_backward(const std::string& dtype, uintptr_t grad, uintptr_t grad_output, int64_t stride,
                             int64_t N, int64_t C, int num_threads) {

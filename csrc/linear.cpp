@@ -17,6 +17,7 @@
 //   rows or columns of it), and db is summed during the packing for dW. W or x is read in place,
 //   except where its rows alias in L1 or a ragged last tile needs zero padding.
 #include "common.h"
+#include "entry_points.h"
 
 #include <algorithm>
 #include <cmath>
@@ -422,28 +423,26 @@ void backward(uintptr_t dy, uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t dx,
 }
 
 static const Register registration([](py::module_& m) {
-  m.def(
-      "linear_forward",
-      [](const std::string& dtype, uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t N,
-         int64_t K, const std::string& activation, int num_threads) {
-        const Act act = parse_activation(activation);
-        dispatch_dtype(dtype, [&](auto t) { forward<decltype(t)>(x, w, b, y, M, N, K, act, num_threads); });
-      },
-      py::call_guard<py::gil_scoped_release>(),
-      "y = act(x W^T + b) for contiguous x (M, K), W (N, K), b (N) or 0, y (M, N).");
-  m.def(
-      "linear_backward",
-      [](const std::string& dtype, uintptr_t dy, uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t dx, uintptr_t dw,
-         uintptr_t db, int64_t M, int64_t N, int64_t K, const std::string& activation, int num_threads) {
-        const Act act = parse_activation(activation);
-        dispatch_dtype(dtype, [&](auto t) {
-          backward<decltype(t)>(dy, y, x, w, dx, dw, db, M, N, K, act, num_threads);
-        });
-      },
-      py::call_guard<py::gil_scoped_release>(),
-      "Gradients of y = act(x W^T + b) from dy (M, N) and y (0 for activation none): dx (M, K), "
-      "dW (N, K), db (N), each written when its address is not 0.");
+  m.def("linear_forward", &linear_forward, py::call_guard<py::gil_scoped_release>(),
+        "y = act(x W^T + b) for contiguous x (M, K), W (N, K), b (N) or 0, y (M, N).");
+  m.def("linear_backward", &linear_backward, py::call_guard<py::gil_scoped_release>(),
+        "Gradients of y = act(x W^T + b) from dy (M, N) and y (0 for activation none): dx (M, K), "
+        "dW (N, K), db (N), each written when its address is not 0.");
 });
 
 }  // namespace
+
+void linear_forward(const std::string& dtype, uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M,
+                    int64_t N, int64_t K, const std::string& activation, int num_threads) {
+  const Act act = parse_activation(activation);
+  dispatch_dtype(dtype, [&](auto t) { forward<decltype(t)>(x, w, b, y, M, N, K, act, num_threads); });
+}
+
+void linear_backward(const std::string& dtype, uintptr_t dy, uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t dx,
+                     uintptr_t dw, uintptr_t db, int64_t M, int64_t N, int64_t K, const std::string& activation,
+                     int num_threads) {
+  const Act act = parse_activation(activation);
+  dispatch_dtype(dtype, [&](auto t) { backward<decltype(t)>(dy, y, x, w, dx, dw, db, M, N, K, act, num_threads); });
+}
+
 }  // namespace kernels

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 import kernels
+from ffnn.model import MLP
 
 # --optimizer's choices: the torch.optim class of each, and the name of this library's drop-in for it
 TORCH_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -88,6 +89,14 @@ def flat_gradients(params: list[torch.nn.Parameter]) -> torch.Tensor:
     return flat
 
 
+def native_step(model: torch.nn.Module, loss_fn, x_all: torch.Tensor):
+    """``kernels.MLPStep`` for the fused MLP on the C++ backend: forward, loss and backward in
+    one native call, writing the gradients in place; None where the autograd path runs."""
+    if isinstance(model, MLP) and loss_fn is kernels.cross_entropy and kernels.backend_for(x_all) == "cpu":
+        return kernels.MLPStep(model.children())
+    return None
+
+
 def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn, x_all: torch.Tensor,
               y_all: torch.Tensor, loss_sum: torch.Tensor, world: World,
               shard_weight: float) -> Callable[[torch.Tensor], None]:
@@ -97,11 +106,15 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
     mean's gradient is the sum over ranks of (hi - lo) / batch_size times each rank's gradient,
     so gradients are scaled by that weight (``shard_weight``) and all-reduced with SUM."""
     grads = flat_gradients(list(model.parameters()))
+    native = native_step(model, loss_fn, x_all)
 
     def step(idx: torch.Tensor) -> None:
-        grads.zero_()
-        loss = loss_fn(model(x_all.index_select(0, idx)), y_all.index_select(0, idx))
-        loss.backward()
+        if native is not None:  # sets the gradients: nothing to zero
+            loss = native(x_all, y_all, idx)
+        else:
+            grads.zero_()
+            loss = loss_fn(model(x_all.index_select(0, idx)), y_all.index_select(0, idx))
+            loss.backward()
         if world.size > 1:
             grads.mul_(shard_weight)
             dist.all_reduce(grads)

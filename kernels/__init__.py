@@ -28,6 +28,7 @@ from kernels._dispatch import backend_for, get_backend, set_backend, use_backend
 from kernels.ops.adam import FusedAdam, FusedAdamW  # noqa: E402
 from kernels.ops.cross_entropy import FusedCrossEntropyLoss, cross_entropy  # noqa: E402
 from kernels.ops.linear import ACTIVATIONS, FusedLinear, linear  # noqa: E402
+from kernels.ops.mlp import MLPStep  # noqa: E402
 from kernels.ops.sgd import FusedSGD  # noqa: E402
 from kernels.convert import fuse, fuse_optimizer  # noqa: E402
 
@@ -44,6 +45,7 @@ __all__ = [
     "use_backend",
     "linear",
     "FusedLinear",
+    "MLPStep",
     "cross_entropy",
     "FusedCrossEntropyLoss",
     "FusedAdam",

@@ -1,0 +1,61 @@
+// One training step of a plain MLP on the CPU in one call: forward through every layer, the
+// mean softmax cross-entropy and its gradient, and the backward through every layer into the
+// parameters' gradient buffers, composed from the linear and cross-entropy entry points
+// (entry_points.h) with no Python, autograd or allocation between them.
+//
+// The layers arrive as a flat list of kMlpLayerFields int64 values per layer (built by
+// kernels/ops/mlp.py, which restates the field order as MLP_LAYER_FIELDS; a test compares the
+// two): addresses of the weight (N, K), bias (N) or 0, their gradients (written, not
+// accumulated; 0 for no bias), the layer's output buffer (M, N) and the buffer of the loss's
+// gradient with respect to that output (M, N), then K and N. Every hidden layer applies
+// `activation`, the last none (its output is the logits).
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "entry_points.h"
+
+namespace kernels {
+namespace {
+
+enum LayerField { kWeight, kBias, kGradWeight, kGradBias, kOutput, kGradOutput, kInFeatures, kOutFeatures, kMlpLayerFields };
+const char* const kLayerFieldNames[kMlpLayerFields] = {"weight",      "bias", "grad_weight",  "grad_bias",
+                                                       "output",      "grad_output", "in_features", "out_features"};
+
+// Runs the step on a batch x (M, K0) with int64 targets (M); writes the mean loss to `loss`.
+// Returns -1, or the first row whose target is out of range (then no gradient is written).
+int64_t mlp_step(const std::string& dtype, uintptr_t x, uintptr_t target, uintptr_t loss, int64_t M,
+                 const std::vector<int64_t>& layers, const std::string& activation, int num_threads) {
+  const int64_t count = int64_t(layers.size()) / kMlpLayerFields;
+  auto field = [&](int64_t l, LayerField f) { return layers[l * kMlpLayerFields + f]; };
+  auto act = [&](int64_t l) { return l == count - 1 ? std::string("none") : activation; };
+  auto input = [&](int64_t l) { return l == 0 ? x : uintptr_t(field(l - 1, kOutput)); };
+  for (int64_t l = 0; l < count; ++l)
+    linear_forward(dtype, input(l), field(l, kWeight), field(l, kBias), field(l, kOutput), M, field(l, kOutFeatures),
+                   field(l, kInFeatures), act(l), num_threads);
+  const int64_t last = count - 1;
+  const int64_t bad_row = cross_entropy_forward(dtype, field(last, kOutput), target, 0, loss, field(last, kGradOutput),
+                                                M, field(last, kOutFeatures), -100, 0.0, "mean", num_threads);
+  if (bad_row >= 0) return bad_row;
+  for (int64_t l = last; l >= 0; --l)
+    linear_backward(dtype, field(l, kGradOutput), l == last ? 0 : field(l, kOutput), input(l), field(l, kWeight),
+                    l == 0 ? 0 : field(l - 1, kGradOutput), field(l, kGradWeight), field(l, kGradBias), M,
+                    field(l, kOutFeatures), field(l, kInFeatures), act(l), num_threads);
+  return -1;
+}
+
+static const Register registration([](py::module_& m) {
+  py::tuple fields(size_t{kMlpLayerFields});
+  for (int f = 0; f < kMlpLayerFields; ++f) fields[f] = kLayerFieldNames[f];
+  m.attr("mlp_layer_fields") = fields;
+  m.def("mlp_step", &mlp_step, py::call_guard<py::gil_scoped_release>(),
+        "Forward, mean cross-entropy and backward of a plain MLP in one call (see csrc/mlp.cpp); returns -1 or the "
+        "first row whose target is out of range.",
+        py::arg("dtype"), py::arg("x"), py::arg("target"), py::arg("loss"), py::arg("m"), py::arg("layers"),
+        py::arg("activation"), py::arg("num_threads"));
+});
+
+}  // namespace
+}  // namespace kernels

@@ -1,0 +1,122 @@
+"""The training step of a plain MLP in one native call: ``kernels.MLPStep``.
+
+For a chain of ``FusedLinear`` layers (the hidden ones sharing one activation, the last one
+without: its output is the logits) trained with the mean softmax cross-entropy,
+``MLPStep(layers)(x, target)`` returns the loss and leaves in every parameter's ``.grad`` what
+
+    zero the gradients; loss = kernels.cross_entropy(model(x), target); loss.backward()
+
+leaves there, computed by the same C++ kernels in one call (csrc/mlp.cpp): no autograd graph,
+no Python between the layers, and no allocation once a batch size has been seen (the layers'
+outputs and their gradients live in buffers kept per batch size). The optimizer step follows as
+usual, e.g. ``kernels.FusedAdam``'s (one call for all parameters).
+
+CPU tensors only (float32 or float64); ignore_index is -100, as F.cross_entropy's default. Any
+other model, loss or device takes the autograd path, for which the ops are drop-ins.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from kernels._dispatch import SUPPORTED_DTYPES, check_tensor, dtype_names
+from kernels.cpu import mlp as cpu
+from kernels.ops.linear import FusedLinear
+
+OP = "MLPStep"
+
+
+class MLPStep:
+    """``step = MLPStep(model.children())``; ``loss = step(x, target)``, or ``step(x_all,
+    target_all, index)`` for the rows ``index`` of a resident dataset (gathered into a kept
+    buffer). Parameters may be replaced between calls (their addresses are read on every call);
+    a ``.grad`` that is missing or not a contiguous tensor of the parameter's shape and dtype is
+    replaced by a new one, any other is overwritten in place."""
+
+    def __init__(self, layers: Iterable[FusedLinear]) -> None:
+        layers = list(layers)
+        if not layers:
+            raise ValueError(f"{OP}: needs at least one layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, FusedLinear):
+                raise TypeError(f"{OP}: layer {i} is a {type(layer).__name__}, not a kernels.FusedLinear")
+            if i and layer.in_features != layers[i - 1].out_features:
+                raise ValueError(f"{OP}: layer {i} takes {layer.in_features} features but layer {i - 1} gives "
+                                 f"{layers[i - 1].out_features}")
+        if layers[-1].activation != "none":
+            raise ValueError(f"{OP}: the last layer gives the logits, so its activation must be 'none', "
+                             f"got {layers[-1].activation!r}")
+        hidden = {layer.activation for layer in layers[:-1]}
+        if len(hidden) > 1 or "none" in hidden:
+            raise ValueError(f"{OP}: the hidden layers must share one activation other than 'none', "
+                             f"got {[layer.activation for layer in layers[:-1]]}")
+        self.layers = layers
+        self.activation = hidden.pop() if hidden else "none"
+        self._buffers: dict[tuple[int, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._gathered: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        params = self._check_parameters()
+        dtype = params[0].dtype
+        check_tensor(OP, "input", x, backend="cpu", dim=2)
+        if x.dtype != dtype or not x.is_cpu:
+            raise TypeError(f"{OP}: input is {x.dtype} on {x.device}, the parameters are {dtype} on cpu")
+        if x.shape[1] != self.layers[0].in_features:
+            raise ValueError(f"{OP}: input of shape {tuple(x.shape)} has {x.shape[1]} features, the first layer "
+                             f"takes {self.layers[0].in_features}")
+        if not isinstance(target, torch.Tensor) or target.dim() != 1 or target.dtype != torch.int64 or not target.is_cpu:
+            raise TypeError(f"{OP}: target must be a 1-D int64 CPU tensor of class indices, got "
+                            f"{getattr(target, 'dtype', type(target).__name__)} of shape {tuple(getattr(target, 'shape', ()))}")
+        if target.shape[0] != x.shape[0]:
+            raise ValueError(f"{OP}: target has {target.shape[0]} rows but input has {x.shape[0]}")
+        if index is not None:
+            x, target = self._gather(x, target, index)
+        else:
+            x, target = x.contiguous(), target.contiguous()
+        M = x.shape[0]
+        outputs, grad_outputs = self._batch_buffers(M, dtype)
+        layers = []
+        for layer, output, grad_output in zip(self.layers, outputs, grad_outputs):
+            w, b = layer.weight, layer.bias
+            layers += [w.data_ptr(), 0 if b is None else b.data_ptr(), _grad(w).data_ptr(),
+                       0 if b is None else _grad(b).data_ptr(), output.data_ptr(), grad_output.data_ptr(),
+                       layer.in_features, layer.out_features]
+        return cpu.step(x, target, layers, self.activation)
+
+    def _check_parameters(self) -> list[torch.Tensor]:
+        params = [p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None]
+        dtype = params[0].dtype
+        for p in params:
+            if not p.is_cpu or p.dtype != dtype or dtype not in SUPPORTED_DTYPES["cpu"]:
+                raise TypeError(f"{OP}: runs on CPU parameters of one dtype ({dtype_names('cpu')}), got a {p.dtype} "
+                                f"parameter on {p.device}; other devices take the autograd path")
+            if not p.is_contiguous():
+                raise ValueError(f"{OP}: a parameter of shape {tuple(p.shape)} is not contiguous")
+        return params
+
+    def _gather(self, x_all, target_all, index):
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != torch.int64 or not index.is_cpu:
+            raise TypeError(f"{OP}: index must be a 1-D int64 CPU tensor of row numbers")
+        key = (index.shape[0], x_all.dtype)
+        if key not in self._gathered:
+            self._gathered[key] = (x_all.new_empty(index.shape[0], x_all.shape[1]), target_all.new_empty(index.shape[0]))
+        x, target = self._gathered[key]
+        torch.index_select(x_all, 0, index, out=x)
+        torch.index_select(target_all, 0, index, out=target)
+        return x, target
+
+    def _batch_buffers(self, M: int, dtype: torch.dtype):
+        key = (M, dtype)
+        if key not in self._buffers:
+            outputs = [torch.empty(M, layer.out_features, dtype=dtype) for layer in self.layers]
+            self._buffers[key] = (outputs, [torch.empty_like(o) for o in outputs])
+        return self._buffers[key]
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """p.grad, made a contiguous tensor of p's shape and dtype if it is not one."""
+    g = p.grad
+    if g is None or g.shape != p.shape or g.dtype != p.dtype or not g.is_contiguous() or not g.is_cpu:
+        g = p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
+    return g

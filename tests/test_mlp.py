@@ -1,0 +1,168 @@
+"""kernels.MLPStep (the MLP's forward, loss and backward in one C++ call) against PyTorch's
+nn.Linear + activation + F.cross_entropy + autograd, and against this library's own autograd
+path, which runs the same kernels and so must agree to the last bit."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import FusedLinear, MLPStep
+from kernels.cpu.mlp import LAYER_FIELDS
+
+TORCH_ACTIVATIONS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
+
+def make_layers(sizes, activation="relu", dtype=torch.float32, bias=True):
+    return [FusedLinear(i, o, bias=bias, activation="none" if k == len(sizes) - 2 else activation, dtype=dtype)
+            for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:]))]
+
+
+def torch_step(layers, x, target):
+    """Loss and parameter gradients from nn.functional ops and autograd, in float64."""
+    params = [p.detach().double().requires_grad_() for layer in layers for p in (layer.weight, layer.bias)
+              if p is not None]
+    it = iter(params)
+    h = x.double()
+    for layer in layers:
+        w = next(it)
+        b = next(it) if layer.bias is not None else None
+        h = F.linear(h, w, b)
+        if layer.activation != "none":
+            h = TORCH_ACTIVATIONS[layer.activation](h)
+    loss = F.cross_entropy(h, target)
+    loss.backward()
+    return loss.detach(), [p.grad for p in params]
+
+
+def parameters(layers):
+    return [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("sizes,activation,M", [
+    ((784, 128, 64, 10), "relu", 64),    # the MNIST MLP at batch 64
+    ((784, 512, 128, 10), "relu", 64),   # the wider tutorial network
+    ((33, 17, 5), "sigmoid", 7),
+    ((9, 20, 11, 3), "tanh", 1),
+    ((12, 4), "relu", 5),                # no hidden layer: logistic regression
+], ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_matches_pytorch(sizes, activation, M, dtype):
+    kernels.set_backend("cpu")
+    layers = make_layers(sizes, activation, dtype)
+    x = torch.randn(M, sizes[0], dtype=dtype)
+    target = torch.randint(0, sizes[-1], (M,))
+    loss = MLPStep(layers)(x, target)
+    want_loss, want_grads = torch_step(layers, x, target)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    assert loss.dtype == dtype and loss.dim() == 0
+    torch.testing.assert_close(loss.double(), want_loss, **tol)
+    for p, want in zip(parameters(layers), want_grads):
+        assert p.grad.shape == p.shape and p.grad.dtype == dtype
+        torch.testing.assert_close(p.grad.double(), want, **tol)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_equals_the_autograd_path(threads):
+    """The same kernels in the same order as kernels.linear/cross_entropy under autograd: bitwise equal."""
+    kernels.set_backend("cpu")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        layers = make_layers((784, 128, 64, 10))
+        x, target = torch.randn(64, 784), torch.randint(0, 10, (64,))
+        loss = MLPStep(layers)(x, target)
+        grads = [p.grad.clone() for p in parameters(layers)]
+        for p in parameters(layers):
+            p.grad = None
+        h = x
+        for layer in layers:
+            h = layer(h)
+        want = kernels.cross_entropy(h, target)
+        want.backward()
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(loss, want.detach())
+    for got, p in zip(grads, parameters(layers)):
+        assert torch.equal(got, p.grad)
+
+
+def test_no_bias_and_ignored_targets():
+    layers = make_layers((10, 6, 4), "tanh", bias=False)
+    x, target = torch.randn(8, 10), torch.tensor([0, 1, -100, 3, 2, -100, 1, 0])
+    loss = MLPStep(layers)(x, target)
+    want_loss, want_grads = torch_step(layers, x, target)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-6)
+    for p, want in zip(parameters(layers), want_grads):
+        torch.testing.assert_close(p.grad.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_index_gathers_rows_and_overwrites_gradients():
+    """step(x_all, target_all, index) is step(x_all[index], target_all[index]); gradients are
+    overwritten in place (existing .grad tensors keep their storage), not accumulated."""
+    layers = make_layers((20, 16, 5))
+    x_all, target_all = torch.randn(100, 20), torch.randint(0, 5, (100,))
+    step = MLPStep(layers)
+    grads = [torch.full_like(p, 7.0) for p in parameters(layers)]
+    for p, g in zip(parameters(layers), grads):
+        p.grad = g
+    for index in (torch.randperm(100)[:32], torch.randperm(100)[:32], torch.arange(9)):
+        loss = step(x_all, target_all, index)
+        want_loss, want_grads = torch_step(layers, x_all[index], target_all[index])
+        torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-6)
+        for p, g, want in zip(parameters(layers), grads, want_grads):
+            assert p.grad is g
+            torch.testing.assert_close(g.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_trains_like_the_autograd_path():
+    """Ten Adam steps through MLPStep and through nn.Linear + autograd + torch.optim.Adam end at the same weights."""
+    layers = make_layers((30, 16, 4))
+    ref = [torch.nn.Linear(layer.in_features, layer.out_features) for layer in layers]
+    for r, layer in zip(ref, layers):
+        r.load_state_dict(layer.state_dict())
+    ref_model = torch.nn.Sequential(ref[0], torch.nn.ReLU(), ref[1])
+    opt, ref_opt = torch.optim.Adam(parameters(layers), lr=1e-2), torch.optim.Adam(ref_model.parameters(), lr=1e-2)
+    step = MLPStep(layers)
+    for _ in range(10):
+        x, target = torch.randn(16, 30), torch.randint(0, 4, (16,))
+        step(x, target)
+        opt.step()
+        ref_opt.zero_grad()
+        F.cross_entropy(ref_model(x), target).backward()
+        ref_opt.step()
+    for p, r in zip(parameters(layers), ref_model.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_fields_match_the_cpp_step():
+    from kernels import _C
+
+    assert tuple(_C.mlp_layer_fields) == LAYER_FIELDS
+
+
+def test_errors():
+    layers = make_layers((6, 5, 3))
+    step = MLPStep(layers)
+    x, target = torch.randn(4, 6), torch.tensor([0, 1, 2, 1])
+    with pytest.raises(ValueError, match=r"target\[2\] = 3 is out of range for 3 classes"):
+        step(x, torch.tensor([0, 1, 3, 1]))
+    with pytest.raises(ValueError, match=r"input of shape \(4, 5\) has 5 features, the first layer takes 6"):
+        step(x[:, :5], target)
+    with pytest.raises(ValueError, match="target has 3 rows but input has 4"):
+        step(x, target[:3])
+    with pytest.raises(TypeError, match="target must be a 1-D int64"):
+        step(x, target.int())
+    with pytest.raises(TypeError, match="input is torch.float64 on cpu, the parameters are torch.float32"):
+        step(x.double(), target)
+    with pytest.raises(TypeError, match="index must be a 1-D int64"):
+        step(x, target, torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="activation must be 'none'"):
+        MLPStep(make_layers((6, 5, 3))[:1])
+    with pytest.raises(ValueError, match="layer 1 takes 4 features but layer 0 gives 5"):
+        MLPStep([FusedLinear(6, 5), FusedLinear(4, 3, activation="none")])
+    with pytest.raises(ValueError, match="share one activation"):
+        MLPStep([FusedLinear(6, 5), FusedLinear(5, 5, activation="tanh"), FusedLinear(5, 3, activation="none")])
+    with pytest.raises(TypeError, match="layer 0 is a Linear, not a kernels.FusedLinear"):
+        MLPStep([torch.nn.Linear(6, 3)])
+    with pytest.raises(TypeError, match="parameters of one dtype"):
+        MLPStep([FusedLinear(6, 5), FusedLinear(5, 3, activation="none", dtype=torch.float64)])(x, target)
