@@ -102,7 +102,7 @@ def _online_update(m, s, x):
     element: exp(-|x - m|) either rescales s (new max) or is the new term. -inf logits add 0
     (also before a lane has seen a finite value); NaN propagates."""
     e = tl.where(x == -float("inf"), 0.0, tl.exp(-tl.abs(x - m)))
-    grows = (x > m) | (x != x)  # a NaN becomes the lane's max, so that the lane's sum cannot drop it
+    grows = x > m
     return tl.where(grows, x, m), tl.where(grows, s * e + 1.0, s + e)
 
 
@@ -112,8 +112,9 @@ def _logsumexp(m, s, AXIS: tl.constexpr = 0):
     max + log_sum; max is 0 when every logit is -inf (log_sum is then -inf)."""
     row_max = tl.max(m, AXIS)
     row_max = tl.where(row_max == -float("inf"), 0.0, row_max)
-    scaled = tl.where(m == -float("inf"), 0.0, s * tl.exp(m - tl.expand_dims(row_max, AXIS)))
-    return row_max, tl.log(tl.sum(scaled, AXIS))
+    # A lane whose max is -inf adds s * 0: 0 when it has seen only -inf (s = 0), NaN when it has
+    # seen a NaN before any number (s = NaN), which must reach the sum.
+    return row_max, tl.log(tl.sum(s * tl.exp(m - tl.expand_dims(row_max, AXIS)), AXIS))
 
 
 @triton.jit
