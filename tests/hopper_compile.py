@@ -246,10 +246,11 @@ def _gemm_variants(name, kernel, tiles, args, dtype, tma):
 
 
 def cross_entropy_variants():
-    """What cross_entropy's launcher launches for bf16 logits: vocabulary-sized rows (streamed),
-    rows of 10 classes in a large batch (one block) and MNIST's batch (the one-program kernel),
-    each plain and with weights and label smoothing, and the backward's gradient scaling."""
-    for N, C in ((8192, 32000), (4096, 128256), (4096, 10), (64, 10)):
+    """What cross_entropy's launcher launches for bf16 logits: vocabulary-sized rows (streamed; the
+    last shape has 2^31 logits), rows of 10 classes in a large batch (one block) and MNIST's batch
+    (the one-program kernel), each plain and with weights and label smoothing, and the backward's
+    gradient scaling."""
+    for N, C in ((8192, 32000), (4096, 128256), (16384, 131072), (4096, 10), (64, 10)):
         logits, target, weight = empty(N, C), torch.zeros(N, dtype=torch.int64), empty(C)
 
         def run(logits=logits, target=target, weight=weight):
