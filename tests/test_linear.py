@@ -575,8 +575,8 @@ class _KernelRecorder:
 def matmul_precision():
     """Puts back PyTorch's fp32 matmul settings (the legacy one, then the new API's) after a test."""
     legacy = torch.get_float32_matmul_precision()
-    owners = [torch.backends, torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
-    owners = [o for o in owners if hasattr(o, "fp32_precision")]
+    owners = [torch.backends, torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None)]
+    owners = [o for o in owners if hasattr(o, "fp32_precision")]  # torch >= 2.9
     saved = [o.fp32_precision for o in owners]
     yield
     torch.set_float32_matmul_precision(legacy)
