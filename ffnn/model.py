@@ -14,11 +14,12 @@ from torch import nn
 
 import kernels
 from ffnn.errors import FFNNError
+from kernels.reference.linear import ACTIVATIONS
 
 DEFAULT_SIZES = (784, 128, 64, 10)
-# The hidden-layer activations both models have (FusedLinear's, but "none").
+# The hidden-layer activations both models have: FusedLinear's, but "none".
 TORCH_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+    name: function for name, function in ACTIVATIONS.items() if name != "none"
 }
 IMPLS = ("fused", "torch")
 
