@@ -35,8 +35,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``act(x @ weight.T + bias)``, fused, with the shapes of ``F.linear``: x (*, in_features),
     weight (out_features, in_features), bias (out_features,) or None; returns (*, out_features).
 
-    Backends: Triton on CUDA (float32, bfloat16, float16), C++ on CPU (float32, float64), plain
-    PyTorch elsewhere (see ``kernels._dispatch``). Raises TypeError/ValueError naming the
+    Backends: Triton on CUDA (float32, bfloat16, float16; float64 too, accumulated in float64 on
+    untuned tiles), C++ on CPU (float32, float64), plain PyTorch elsewhere (see ``kernels._dispatch``). Raises TypeError/ValueError naming the
     offending shapes, dtypes, devices or activation.
     """
     backend = _check(x, weight, bias, activation)
