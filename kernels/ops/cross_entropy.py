@@ -51,7 +51,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
 
     The loss is computed in float32 (float64 for float64 logits) from ``x - max(x)``, as
     log_softmax is, and returned in the logits' dtype. Backends: Triton on CUDA (float32,
-    bfloat16, float16), C++ on CPU (float32, float64), plain PyTorch elsewhere (see
+    bfloat16, float16; float64 too), C++ on CPU (float32, float64), plain PyTorch elsewhere (see
     ``kernels._dispatch``). Tensors of any strides are accepted (copied once when not contiguous).
 
     ``inplace_backward=True`` writes the gradient over ``logits`` during the forward (no second
