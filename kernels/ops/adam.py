@@ -97,15 +97,13 @@ class FusedAdam(FusedOptimizer):
     op = OP
     layout = ADAM_LAYOUT
     state_keys = MOMENTS
+    group_defaults = dict(amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False,
+                          fused=None, decoupled_weight_decay=False)
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False):
-        for flag, value in (("foreach", foreach), ("differentiable", differentiable)):
-            if value:
-                raise ValueError(f"{type(self).__name__} always runs its own fused kernel outside autograd: "
-                                 f"{flag}=True is not supported (leave it None/False)")
         if isinstance(betas, (tuple, list)) and len(betas) == 2:
             betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() else b for b in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -113,16 +111,6 @@ class FusedAdam(FusedOptimizer):
                         differentiable=differentiable, fused=fused, decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
-            group.setdefault("decoupled_weight_decay", False)
 
     check_hyperparameters = staticmethod(check_hyperparameters)
     prepare_state = staticmethod(prepare_state)

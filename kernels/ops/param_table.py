@@ -278,8 +278,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     op = ""
     layout: tuple[str, ...] = ()  # ADAM_LAYOUT or SGD_LAYOUT
     state_keys: tuple[str, ...] = ()  # state tensors kept in float32 for low-precision parameters
+    # What a group saved by an older torch (or by the torch class) lacks, filled in on loading.
+    group_defaults: dict = {}
 
     def __init__(self, params, defaults: dict):
+        for flag in ("foreach", "differentiable"):
+            if defaults.get(flag):
+                raise ValueError(f"{type(self).__name__} always runs its own fused kernel outside autograd: "
+                                 f"{flag}=True is not supported (leave it None/False)")
         self._tables: dict[int, GroupTable] = {}
         self._graph_tables: list = []  # tables captured in CUDA graphs: kept alive for the replays
         self.table_builds = 0
@@ -321,6 +327,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.group_defaults.items():
+                group.setdefault(key, value)
         self.__dict__.setdefault("_graph_tables", [])
         self.__dict__.setdefault("table_builds", 0)
         self._tables = {}

@@ -74,29 +74,19 @@ class FusedSGD(FusedOptimizer):
     op = OP
     layout = SGD_LAYOUT
     state_keys = (BUFFER,)
+    # capturable: a torch.optim.SGD state_dict has none
+    group_defaults = dict(nesterov=False, maximize=False, foreach=None, differentiable=False, fused=False,
+                          capturable=False)
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  capturable: bool = False):
-        for flag, value in (("foreach", foreach), ("differentiable", differentiable)):
-            if value:
-                raise ValueError(f"{type(self).__name__} always runs its own fused kernel outside autograd: "
-                                 f"{flag}=True is not supported (leave it None/False)")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
                         capturable=capturable)
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", False)
-            group.setdefault("capturable", False)  # a torch.optim.SGD state_dict has none
 
     check_hyperparameters = staticmethod(check_hyperparameters)
     prepare_state = staticmethod(prepare_state)
