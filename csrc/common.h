@@ -220,6 +220,11 @@ inline int threads_for(int64_t work, int num_threads, int64_t min_work_per_threa
 // * An idle worker spins for kSpinNanoseconds (a training step's kernels come microseconds
 //   apart), then sleeps on a condition variable, so it never busy-waits against other threads
 //   for longer than that. The caller wakes sleepers only when there are any.
+// * When a worker still holds its chunk long after the caller has finished its own (it was
+//   descheduled mid-chunk: more runnable threads than cores), the next jobs run on the caller
+//   alone, with an exponential backoff before the workers are tried again; so on an
+//   oversubscribed machine the kernels run at one thread's speed instead of waiting a
+//   scheduler time slice per job.
 // * One job at a time: a call made while the pool is busy (another Python thread, or a kernel
 //   calling parallel_for from inside a chunk) runs on its own thread.
 // * A child process forked from this one starts a new, empty pool (the parent's workers do
@@ -233,11 +238,13 @@ class ThreadPool {
   // Calls chunk(context, c) for every c in [0, chunks), on the calling thread and up to
   // threads - 1 workers; returns when all have returned.
   void run(int64_t chunks, int threads, Chunk chunk, void* context) {
-    if (threads <= 1 || chunks <= 1 || chunks > kMaxChunks || !caller_.try_lock()) {
-      for (int64_t c = 0; c < chunks; ++c) chunk(context, c);
-      return;
-    }
+    if (threads <= 1 || chunks <= 1 || chunks > kMaxChunks || !caller_.try_lock())
+      return run_inline(chunks, chunk, context);
     std::lock_guard<std::mutex> unlock(caller_, std::adopt_lock);
+    if (solo_jobs_ > 0) {
+      --solo_jobs_;
+      return run_inline(chunks, chunk, context);
+    }
     while (workers_ < threads - 1 && workers_ < kMaxChunks) {
       std::thread(&ThreadPool::work_loop, this, job_).detach();
       ++workers_;
@@ -245,6 +252,7 @@ class ThreadPool {
     chunk_ = chunk;
     context_ = context;
     pending_.store(chunks, std::memory_order_relaxed);
+    const auto start = std::chrono::steady_clock::now();
     ticket_.store(ticket(++job_, chunks, 0), std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       { std::lock_guard<std::mutex> lock(sleep_mutex_); }
@@ -252,11 +260,22 @@ class ThreadPool {
     }
     std::exception_ptr error;
     claim_chunks(job_, &error);
+    const auto own_done = std::chrono::steady_clock::now();
     for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) {
       if (spin < kCallerSpins)
         pause();
       else
         std::this_thread::yield();  // a worker holding a chunk may be waiting for this core
+    }
+    // A worker whose chunk ends long after the caller's was descheduled mid-chunk (the cores are
+    // oversubscribed): run the next jobs on the caller alone, twice as many each time this
+    // happens in a row, then try the workers again.
+    const auto waited = std::chrono::steady_clock::now() - own_done;
+    if (waited > 2 * (own_done - start) + std::chrono::nanoseconds(kLateNanoseconds)) {
+      backoff_ = std::min(backoff_ ? 2 * backoff_ : kFirstBackoff, kMaxBackoff);
+      solo_jobs_ = backoff_;
+    } else {
+      backoff_ /= 2;
     }
     if (error) std::rethrow_exception(error);
   }
@@ -265,6 +284,12 @@ class ThreadPool {
   static constexpr int64_t kMaxChunks = 0xffff;
   static constexpr int kCallerSpins = 2000;
   static constexpr int64_t kSpinNanoseconds = 100000;
+  static constexpr int64_t kLateNanoseconds = 50000;
+  static constexpr int64_t kFirstBackoff = 16, kMaxBackoff = 4096;  // jobs run on the caller alone
+
+  static void run_inline(int64_t chunks, Chunk chunk, void* context) {
+    for (int64_t c = 0; c < chunks; ++c) chunk(context, c);
+  }
 
   ThreadPool() = default;
 
@@ -338,8 +363,9 @@ class ThreadPool {
     return job;
   }
 
-  std::mutex caller_;  // held by the thread whose job runs
+  std::mutex caller_;  // held by the thread whose job runs; guards the fields up to ticket_
   int workers_ = 0;
+  int64_t backoff_ = 0, solo_jobs_ = 0;
   uint32_t job_ = 0;
   Chunk chunk_ = nullptr;
   void* context_ = nullptr;
