@@ -269,13 +269,13 @@ class ThreadPool {
     }
     // A worker whose chunk ends long after the caller's was descheduled mid-chunk (the cores are
     // oversubscribed): run the next jobs on the caller alone, twice as many each time this
-    // happens in a row, then try the workers again.
+    // happens again before as many on-time jobs, then try the workers again.
     const auto waited = std::chrono::steady_clock::now() - own_done;
     if (waited > 2 * (own_done - start) + std::chrono::nanoseconds(kLateNanoseconds)) {
       backoff_ = std::min(backoff_ ? 2 * backoff_ : kFirstBackoff, kMaxBackoff);
       solo_jobs_ = backoff_;
-    } else {
-      backoff_ /= 2;
+    } else if (backoff_ > 0) {
+      --backoff_;  // slowly: while preemptions keep coming, probing the workers costs a time slice each
     }
     if (error) std::rethrow_exception(error);
   }
@@ -283,7 +283,7 @@ class ThreadPool {
  private:
   static constexpr int64_t kMaxChunks = 0xffff;
   static constexpr int kCallerSpins = 2000;
-  static constexpr int64_t kSpinNanoseconds = 100000;
+  static constexpr int64_t kSpinNanoseconds = 50000;
   static constexpr int64_t kLateNanoseconds = 50000;
   static constexpr int64_t kFirstBackoff = 16, kMaxBackoff = 4096;  // jobs run on the caller alone
 
