@@ -8,14 +8,22 @@ Peers, all from the same initial weights:
   nn.Linear + F.cross_entropy + torch.optim.Adam(fused=True): ffnn.train's loop with --impl torch;
 * torch.compile: the same with gather + forward + loss compiled;
 * CUDA graph of torch ops (CUDA only): the resident eager step captured whole, as ffnn.train does;
-* ours: ffnn.train's step with FusedLinear, cross_entropy and FusedAdam (a CUDA graph on CUDA).
+* ours: ffnn.train's step with FusedLinear, cross_entropy and FusedAdam (a CUDA graph on CUDA;
+  on the CPU kernels.MLPStep, forward, loss and backward in one native call).
+
+On the CPU two more cases time the resident eager loop and ours side by side: with one thread,
+and with the default threads beside one competing busy process (a loaded machine: the thread
+pools must degrade no worse than PyTorch's own).
 
 The time is the median over the epochs after the first (which includes compilation, autotuning
 and capture); the accuracy table below the timings gives the first epoch too.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -123,6 +131,28 @@ def _tutorial(data: datasets.Data, device: torch.device, epochs: int):
     return model, times
 
 
+@contextlib.contextmanager
+def _busy_process():
+    """One other process spinning on a core while the block runs."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)  # let it start spinning
+        yield
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _datasets() -> list[str]:
     """fashion-mnist (Debian's dataset-fashion-mnist), and MNIST where its files are present."""
     present = []
@@ -171,4 +201,13 @@ def run(device: torch.device, quick: bool = False) -> Results:
                 record(impl_name, model, _resident_epochs(step, loss_sum, data, epochs, device))
             except Exception as e:  # a peer that cannot run is a result, not a crash
                 results.add(case, impl_name, None, note=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
+        if on_cuda:
+            continue
+        for case, setting in ((f"{case}, 1 thread", _threads(1)),
+                              (f"{case}, beside one busy process", _busy_process())):
+            with setting:
+                for impl_name, impl in (("resident eager + fused Adam", "torch"), (OURS, "fused")):
+                    model, step, loss_sum = _resident(impl, data, device)
+                    times = _resident_epochs(step, loss_sum, data, 2 if quick else 3, device)
+                    record(impl_name, model, times)
     return results
