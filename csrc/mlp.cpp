@@ -11,6 +11,7 @@
 // `activation`, the last none (its output is the logits).
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -25,11 +26,30 @@ const char* const kLayerFieldNames[kMlpLayerFields] = {"weight",      "bias", "g
                                                        "output",      "grad_output", "in_features", "out_features"};
 
 // Runs the step on a batch x (M, K0) with int64 targets (M); writes the mean loss to `loss`.
-// Returns -1, or the first row whose target is out of range (then no gradient is written).
-int64_t mlp_step(const std::string& dtype, uintptr_t x, uintptr_t target, uintptr_t loss, int64_t M,
+// With `index` (M int64 row numbers, else 0), the batch is rows index of x (rows rows) and target,
+// gathered first into x_batch and target_batch (on this thread: PyTorch's index_select would
+// wake its OpenMP team for it). Returns -1, or the first row whose target is out of range (then
+// no gradient is written); raises IndexError for an index out of range.
+int64_t mlp_step(const std::string& dtype, uintptr_t x, uintptr_t target, uintptr_t index, int64_t rows,
+                 uintptr_t x_batch, uintptr_t target_batch, uintptr_t loss, int64_t M,
                  const std::vector<int64_t>& layers, const std::string& activation, int num_threads) {
   const int64_t count = int64_t(layers.size()) / kMlpLayerFields;
   auto field = [&](int64_t l, LayerField f) { return layers[l * kMlpLayerFields + f]; };
+  if (index) {
+    const int64_t K = field(0, kInFeatures);
+    const size_t row_bytes = size_t(K) * (dtype == "float64" ? sizeof(double) : sizeof(float));
+    const int64_t* rows_of = ptr<const int64_t>(index);
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t r = rows_of[i];
+      if (r < 0 || r >= rows)
+        throw py::index_error("MLPStep: index[" + std::to_string(i) + "] = " + std::to_string(r) +
+                              " is out of range for " + std::to_string(rows) + " rows");
+      std::memcpy(ptr<char>(x_batch) + i * row_bytes, ptr<const char>(x) + r * row_bytes, row_bytes);
+      ptr<int64_t>(target_batch)[i] = ptr<const int64_t>(target)[r];
+    }
+    x = x_batch;
+    target = target_batch;
+  }
   auto act = [&](int64_t l) { return l == count - 1 ? std::string("none") : activation; };
   auto input = [&](int64_t l) { return l == 0 ? x : uintptr_t(field(l - 1, kOutput)); };
   for (int64_t l = 0; l < count; ++l)
@@ -53,8 +73,9 @@ static const Register registration([](py::module_& m) {
   m.def("mlp_step", &mlp_step, py::call_guard<py::gil_scoped_release>(),
         "Forward, mean cross-entropy and backward of a plain MLP in one call (see csrc/mlp.cpp); returns -1 or the "
         "first row whose target is out of range.",
-        py::arg("dtype"), py::arg("x"), py::arg("target"), py::arg("loss"), py::arg("m"), py::arg("layers"),
-        py::arg("activation"), py::arg("num_threads"));
+        py::arg("dtype"), py::arg("x"), py::arg("target"), py::arg("index"), py::arg("rows"), py::arg("x_batch"),
+        py::arg("target_batch"), py::arg("loss"), py::arg("m"), py::arg("layers"), py::arg("activation"),
+        py::arg("num_threads"));
 });
 
 }  // namespace

@@ -156,6 +156,12 @@ def test_errors():
         step(x.double(), target)
     with pytest.raises(TypeError, match="index must be a 1-D int64"):
         step(x, target, torch.tensor([0.5]))
+    with pytest.raises(IndexError, match=r"index\[1\] = 4 is out of range for 4 rows"):
+        step(x, target, torch.tensor([0, 4]))
+    with pytest.raises(IndexError, match=r"index\[0\] = -1 is out of range"):
+        step(x, target, torch.tensor([-1]))
+    with pytest.raises(ValueError, match=r"target\[1\] = 7 is out of range for 3 classes"):
+        step(x, torch.tensor([0, 1, 2, 7]), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="activation must be 'none'"):
         MLPStep(make_layers((6, 5, 3))[:1])
     with pytest.raises(ValueError, match="layer 1 takes 4 features but layer 0 gives 5"):

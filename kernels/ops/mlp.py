@@ -70,11 +70,14 @@ class MLPStep:
                             f"{getattr(target, 'dtype', type(target).__name__)} of shape {tuple(getattr(target, 'shape', ()))}")
         if target.shape[0] != x.shape[0]:
             raise ValueError(f"{OP}: target has {target.shape[0]} rows but input has {x.shape[0]}")
+        x, target = x.contiguous(), target.contiguous()
+        batch = None
         if index is not None:
-            x, target = self._gather(x, target, index)
-        else:
-            x, target = x.contiguous(), target.contiguous()
-        M = x.shape[0]
+            if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != torch.int64 or not index.is_cpu:
+                raise TypeError(f"{OP}: index must be a 1-D int64 CPU tensor of row numbers")
+            index = index.contiguous()
+            batch = self._gather_buffers(index.shape[0], x.shape[1], dtype)
+        M = x.shape[0] if index is None else index.shape[0]
         outputs, grad_outputs = self._batch_buffers(M, dtype)
         layers = []
         for layer, output, grad_output in zip(self.layers, outputs, grad_outputs):
@@ -82,7 +85,9 @@ class MLPStep:
             layers += [w.data_ptr(), 0 if b is None else b.data_ptr(), _grad(w).data_ptr(),
                        0 if b is None else _grad(b).data_ptr(), output.data_ptr(), grad_output.data_ptr(),
                        layer.in_features, layer.out_features]
-        return cpu.step(x, target, layers, self.activation)
+        if batch is None:
+            return cpu.step(x, target, layers, self.activation)
+        return cpu.step(x, target, layers, self.activation, index, *batch)
 
     def _check_parameters(self) -> list[torch.Tensor]:
         params = [p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None]
@@ -95,16 +100,11 @@ class MLPStep:
                 raise ValueError(f"{OP}: a parameter of shape {tuple(p.shape)} is not contiguous")
         return params
 
-    def _gather(self, x_all, target_all, index):
-        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != torch.int64 or not index.is_cpu:
-            raise TypeError(f"{OP}: index must be a 1-D int64 CPU tensor of row numbers")
-        key = (index.shape[0], x_all.dtype)
+    def _gather_buffers(self, M: int, K: int, dtype: torch.dtype):
+        key = (M, dtype)
         if key not in self._gathered:
-            self._gathered[key] = (x_all.new_empty(index.shape[0], x_all.shape[1]), target_all.new_empty(index.shape[0]))
-        x, target = self._gathered[key]
-        torch.index_select(x_all, 0, index, out=x)
-        torch.index_select(target_all, 0, index, out=target)
-        return x, target
+            self._gathered[key] = (torch.empty(M, K, dtype=dtype), torch.empty(M, dtype=torch.int64))
+        return self._gathered[key]
 
     def _batch_buffers(self, M: int, dtype: torch.dtype):
         key = (M, dtype)
