@@ -4,7 +4,7 @@
 (*, in_features), with activation "relu", "none", "sigmoid" or "tanh"::
 
     forward    y  = act(x W^T + b)           one GEMM kernel, bias and activation in its epilogue
-    backward   dz = dy * act'(y)             relu: y > 0, sigmoid: y (1 - y), tanh: 1 - y^2
+    backward   dz = dy * act'(y)             relu: y > 0 or NaN, sigmoid: y (1 - y), tanh: 1 - y^2
                dx = dz W,  dW = dz^T x,  db = sum of dz over the batch
 
 The forward saves only its output y (nothing for "none"): every act' above is a function of y.
