@@ -56,8 +56,13 @@ class World:
                 torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
-    def stop(self) -> None:
+    def stop(self, wait_for_all: bool) -> None:
+        """Leave the job. ``wait_for_all`` (a run that ended normally): first wait until every rank
+        is done, so no rank tears its connections down while another still uses them (a gloo
+        worker thread then aborts its process: "terminate called without an active exception")."""
         if self.size > 1 and dist.is_initialized():
+            if wait_for_all:
+                dist.barrier()
             dist.destroy_process_group()
 
 

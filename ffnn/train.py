@@ -211,9 +211,12 @@ def train(args: argparse.Namespace) -> int:
     out = claim_output(args)
     world.start(device)
     try:
-        return _train(args, ckpt, world, device, out)
-    finally:
-        world.stop()
+        status = _train(args, ckpt, world, device, out)
+    except BaseException:
+        world.stop(wait_for_all=False)  # another rank may never reach a barrier
+        raise
+    world.stop(wait_for_all=True)
+    return status
 
 
 def _train(args: argparse.Namespace, ckpt: dict | None, world: World, device: torch.device, out: Path) -> int:
