@@ -297,10 +297,15 @@ def test_step_hooks():
 def test_state_dict_interchange(backend, direction):
     """Train 20 steps with one class, move the state_dict (through torch.save) to the other,
     train 20 more steps: the same as training all 40 with torch.optim.Adam."""
-    init, grads = make_problem(backend.device, steps=40)
-    kwargs = dict(lr=LR, amsgrad=True, weight_decay=0.01)
-    first, second = (torch.optim.Adam, FusedAdam) if direction == "torch_to_ours" else (FusedAdam, torch.optim.Adam)
+    check_state_dict_interchange(torch.optim.Adam, FusedAdam, dict(lr=LR, amsgrad=True, weight_decay=0.01),
+                                 direction, backend.device)
 
+
+def check_state_dict_interchange(torch_class, fused_class, kwargs: dict, direction: str, device) -> None:
+    """20 steps with one class, its state_dict through torch.save into the other, 20 more steps:
+    the same parameters and state as 40 steps of the torch class."""
+    init, grads = make_problem(device, steps=40)
+    first, second = (torch_class, fused_class) if direction == "torch_to_ours" else (fused_class, torch_class)
     params, opt = train(lambda ps: first(ps, **kwargs), init, grads[:20])
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
@@ -309,7 +314,7 @@ def test_state_dict_interchange(backend, direction):
     resumed = second(resumed_params, **kwargs)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     resumed = train(None, init, grads, params=resumed_params, opt=resumed, start=20)
-    reference = train(lambda ps: torch.optim.Adam(ps, **kwargs), init, grads)
+    reference = train(lambda ps: torch_class(ps, **kwargs), init, grads)
     assert_same(resumed, reference)
 
 

@@ -1,13 +1,12 @@
 """FusedSGD against torch.optim.SGD: the same random problems, stepped side by side for 50
 steps with every option, must give the same parameters and momentum buffers."""
-import io
 
 import pytest
 import torch
 
 import kernels
 from kernels import FusedSGD
-from test_adam import HAS_CUDA, STEPS, make_problem, train
+from test_adam import HAS_CUDA, STEPS, check_state_dict_interchange, make_problem, train
 
 LR = 0.05
 
@@ -125,19 +124,8 @@ def test_one_launch_per_group(backend, monkeypatch):
 def test_state_dict_interchange(backend, direction, momentum):
     """Train 20 steps with one class, move the state_dict (through torch.save) to the other,
     train 20 more: the same as training all 40 with torch.optim.SGD."""
-    init, grads = make_problem(backend.device, steps=40)
     kwargs = dict(lr=LR, momentum=momentum, dampening=0.1 if momentum else 0.0, weight_decay=0.01)
-    first, second = (torch.optim.SGD, FusedSGD) if direction == "torch_to_ours" else (FusedSGD, torch.optim.SGD)
-    params, opt = train(lambda ps: first(ps, **kwargs), init, grads[:20])
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    resumed_params = [p.detach().clone().requires_grad_() for p in params]
-    resumed = second(resumed_params, **kwargs)
-    resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    resumed = train(None, init, grads, params=resumed_params, opt=resumed, start=20)
-    reference = train(lambda ps: torch.optim.SGD(ps, **kwargs), init, grads)
-    assert_same(resumed, reference)
+    check_state_dict_interchange(torch.optim.SGD, FusedSGD, kwargs, direction, backend.device)
 
 
 def test_state_dict_format(backend):
