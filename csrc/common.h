@@ -12,6 +12,7 @@
 
 #include <pthread.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -211,8 +212,10 @@ inline int threads_for(int64_t work, int num_threads, int64_t min_work_per_threa
 
 // The extension's one pool of worker threads (instead of an OpenMP team), built so that a
 // thread the OS has descheduled never holds the others up:
-// * The caller takes part, and every chunk of a job goes to whichever thread claims it first
-//   (one atomic ticket), so the caller waits only for chunks a worker has already started. With
+// * The caller takes part. Each chunk has a home thread, which takes it first (the same part of
+//   the data lands on the same core call after call), but any thread that has finished its own
+//   takes a chunk nobody has started, so the caller waits only for chunks a worker has already
+//   started. With
 //   the other cores busy (another process, PyTorch's own OpenMP threads spinning after an op),
 //   the caller runs the whole job itself at one thread's speed, where a fork-join team waits at
 //   its barrier for a member to be scheduled again (the first-run issue: 11x slower on 2 busy
@@ -232,11 +235,15 @@ inline int threads_for(int64_t work, int num_threads, int64_t min_work_per_threa
 class ThreadPool {
  public:
   using Chunk = void (*)(void* context, int64_t chunk);
+  static constexpr int64_t kMaxChunks = 1024;
 
   static ThreadPool& get() { return *current(); }
 
   // Calls chunk(context, c) for every c in [0, chunks), on the calling thread and up to
-  // threads - 1 workers; returns when all have returned.
+  // threads - 1 workers; returns when all have returned. Chunk c is first offered to thread
+  // c (the caller is thread 0, worker w thread w), so a kernel called again and again gives each
+  // thread the same part of its data every time, still in that core's caches; a thread that
+  // finds its own chunk done or taken goes on to take any chunk nobody has started.
   void run(int64_t chunks, int threads, Chunk chunk, void* context) {
     if (threads <= 1 || chunks <= 1 || chunks > kMaxChunks || !caller_.try_lock())
       return run_inline(chunks, chunk, context);
@@ -245,21 +252,21 @@ class ThreadPool {
       --solo_jobs_;
       return run_inline(chunks, chunk, context);
     }
-    while (workers_ < threads - 1 && workers_ < kMaxChunks) {
-      std::thread(&ThreadPool::work_loop, this, job_).detach();
+    while (workers_ < threads - 1 && workers_ < kMaxChunks - 1) {
       ++workers_;
+      std::thread(&ThreadPool::work_loop, this, job_, workers_).detach();
     }
     chunk_ = chunk;
     context_ = context;
     pending_.store(chunks, std::memory_order_relaxed);
     const auto start = std::chrono::steady_clock::now();
-    ticket_.store(ticket(++job_, chunks, 0), std::memory_order_seq_cst);
+    published_.store(++job_ << 16 | uint64_t(chunks), std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       { std::lock_guard<std::mutex> lock(sleep_mutex_); }
       wake_.notify_all();
     }
     std::exception_ptr error;
-    claim_chunks(job_, &error);
+    claim_chunks(job_, 0, &error);
     const auto own_done = std::chrono::steady_clock::now();
     for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) {
       if (spin < kCallerSpins)
@@ -281,7 +288,6 @@ class ThreadPool {
   }
 
  private:
-  static constexpr int64_t kMaxChunks = 0xffff;
   static constexpr int kCallerSpins = 2000;
   static constexpr int64_t kSpinNanoseconds = 50000;
   static constexpr int64_t kLateNanoseconds = 50000;
@@ -302,13 +308,9 @@ class ThreadPool {
     return pool;
   }
 
-  // The ticket packs the job number (32 bits), its chunk count and the next chunk to claim (16 bits each).
-  static uint64_t ticket(uint32_t job, int64_t chunks, int64_t next) {
-    return uint64_t(job) << 32 | uint64_t(chunks) << 16 | uint64_t(next);
-  }
-  static uint32_t job_of(uint64_t t) { return uint32_t(t >> 32); }
-  static int64_t chunks_of(uint64_t t) { return int64_t(t >> 16 & 0xffff); }
-  static int64_t next_of(uint64_t t) { return int64_t(t & 0xffff); }
+  // published_ packs the job number (48 bits, never wrapping) and its chunk count (16 bits).
+  static uint64_t job_of(uint64_t published) { return published >> 16; }
+  static int64_t chunks_of(uint64_t published) { return int64_t(published & 0xffff); }
 
   static void pause() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -316,61 +318,69 @@ class ThreadPool {
 #endif
   }
 
-  // Claims and runs chunks of `job` until none is left. A claim is a compare-exchange on the
-  // ticket, so a thread that saw an older job never takes a chunk of a newer one. The caller
-  // passes `error`, where the first exception of its chunks is kept (the job's other chunks
-  // still run: they may be running on workers already); on a worker an exception terminates,
-  // as it would escaping an OpenMP region.
-  void claim_chunks(uint32_t job, std::exception_ptr* error = nullptr) {
-    uint64_t t = ticket_.load(std::memory_order_acquire);
-    while (job_of(t) == job && next_of(t) < chunks_of(t)) {
-      if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+  // Runs every chunk of `job` this thread can claim, its `home` chunk first. claims_[c] holds the
+  // number of the last job whose chunk c was claimed, so it is free in `job` while below it and
+  // taken by moving it to `job`. A thread still scanning a finished job (its caller has published
+  // the next) claims nothing: every chunk of a finished job holds its number or a later one. The
+  // caller passes `error`, where the first exception of its chunks is kept (the job's other
+  // chunks still run: they may be running on workers already); on a worker an exception
+  // terminates, as it would escaping an OpenMP region.
+  void claim_chunks(uint64_t job, int64_t home, std::exception_ptr* error = nullptr) {
+    const uint64_t published = published_.load(std::memory_order_acquire);
+    if (job_of(published) != job) return;
+    const int64_t chunks = chunks_of(published);
+    for (int64_t i = 0; i < chunks; ++i) {
+      const int64_t c = (home + i) % chunks;
+      uint64_t seen = claims_[c].load(std::memory_order_relaxed);
+      while (seen < job && !claims_[c].compare_exchange_weak(seen, job, std::memory_order_acq_rel, std::memory_order_relaxed)) {
+      }
+      if (seen >= job) continue;
       if (error == nullptr) {
-        chunk_(context_, next_of(t));  // the job's fields are stable until its last chunk is done
+        chunk_(context_, c);
       } else {
         try {
-          chunk_(context_, next_of(t));
+          chunk_(context_, c);
         } catch (...) {
           if (!*error) *error = std::current_exception();
         }
       }
       pending_.fetch_sub(1, std::memory_order_release);
-      t = ticket_.load(std::memory_order_acquire);
     }
   }
 
-  void work_loop(uint32_t seen) {
+  void work_loop(uint64_t seen, int64_t home) {
     for (;;) {
       seen = wait_for_job(seen);
-      claim_chunks(seen);
+      claim_chunks(seen, home);
     }
   }
 
   // Spins, then sleeps, until a job numbered other than `seen` is published; returns its number.
-  uint32_t wait_for_job(uint32_t seen) {
+  uint64_t wait_for_job(uint64_t seen) {
     const auto until = std::chrono::steady_clock::now() + std::chrono::nanoseconds(kSpinNanoseconds);
     for (int spin = 1;; ++spin) {
-      const uint32_t job = job_of(ticket_.load(std::memory_order_acquire));
+      const uint64_t job = job_of(published_.load(std::memory_order_acquire));
       if (job != seen) return job;
       if (spin % 256 == 0 && std::chrono::steady_clock::now() > until) break;
       pause();
     }
     std::unique_lock<std::mutex> lock(sleep_mutex_);
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
-    uint32_t job;
-    while ((job = job_of(ticket_.load(std::memory_order_seq_cst))) == seen) wake_.wait(lock);
+    uint64_t job;
+    while ((job = job_of(published_.load(std::memory_order_seq_cst))) == seen) wake_.wait(lock);
     sleepers_.fetch_sub(1, std::memory_order_relaxed);
     return job;
   }
 
-  std::mutex caller_;  // held by the thread whose job runs; guards the fields up to ticket_
-  int workers_ = 0;
+  std::mutex caller_;  // held by the thread whose job runs; guards the fields up to published_
+  int64_t workers_ = 0;
   int64_t backoff_ = 0, solo_jobs_ = 0;
-  uint32_t job_ = 0;
+  uint64_t job_ = 0;
   Chunk chunk_ = nullptr;
   void* context_ = nullptr;
-  std::atomic<uint64_t> ticket_{0};
+  std::atomic<uint64_t> published_{0};
   std::atomic<int64_t> pending_{0};  // chunks of the current job not yet finished
+  std::atomic<uint64_t> claims_[kMaxChunks] = {};
   std::mutex sleep_mutex_;
   std::condition_variable wake_;
   std::atomic<int> sleepers_{0};
@@ -379,7 +389,7 @@ class ThreadPool {
 // Calls f(begin, end) on contiguous chunks of [0, n), one chunk per thread, on the pool above.
 template <class F>
 void parallel_for(int64_t n, int num_threads, F&& f) {
-  const int64_t chunks = n < num_threads ? n : num_threads;
+  const int64_t chunks = std::min({n, int64_t(num_threads), ThreadPool::kMaxChunks});
   if (chunks <= 1) {
     if (n > 0) f(int64_t(0), n);
     return;
