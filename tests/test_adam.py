@@ -462,6 +462,40 @@ def test_state_reset_starts_afresh_as_in_torch(backend, reset):
     assert float(ours[1].state[ours[0][0]]["step"]) == 4
 
 
+MUTATIONS = {
+    "nothing": lambda opt, ps: None,
+    "new gradient tensor": lambda opt, ps: setattr(ps[0], "grad", ps[0].grad.clone()),
+    "gradient set to None": lambda opt, ps: setattr(ps[1], "grad", None),
+    "gradless parameter gets one": lambda opt, ps: setattr(ps[2], "grad", torch.ones_like(ps[2])),
+    "parameter moved through .data": lambda opt, ps: setattr(ps[0], "data", ps[0].detach().clone()),
+    "parameter reshaped through .data": lambda opt, ps: setattr(ps[1], "data", ps[1].detach().view(1, -1)),
+    "state dict replaced": lambda opt, ps: opt.state.__setitem__(ps[0], dict(opt.state[ps[0]])),
+    "state tensor replaced": lambda opt, ps: opt.state[ps[1]].__setitem__("exp_avg", opt.state[ps[1]]["exp_avg"].clone()),
+    "state cleared": lambda opt, ps: opt.state[ps[0]].clear(),
+    "state mapping replaced": lambda opt, ps: setattr(opt, "state", type(opt.state)(dict, opt.state)),
+    "amsgrad switched on": lambda opt, ps: opt.param_groups[0].__setitem__("amsgrad", True),
+    "params list replaced": lambda opt, ps: opt.param_groups[0].__setitem__("params", list(ps)),
+    "group replaced": lambda opt, ps: opt.param_groups.__setitem__(0, dict(opt.param_groups[0])),
+}
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_quick_table_check_agrees_with_the_full_one(mutation):
+    """The check every step makes first (GroupTable.unchanged, lists compared at once) says the
+    table is current exactly when the detailed one (GroupTable.changes) does."""
+    from kernels.ops.param_table import CURRENT
+
+    params = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True), torch.randn(4, requires_grad=True)]
+    for p in params[:2]:
+        p.grad = torch.randn_like(p)
+    opt = FusedAdam(params, lr=LR)
+    opt.step()
+    table = opt._tables[0]
+    MUTATIONS[mutation](opt, params)
+    group = opt.param_groups[0]
+    assert table.unchanged(opt, group) == (table.changes(opt, group)[0] == CURRENT) == (mutation == "nothing")
+
+
 def test_loaded_moments_of_another_size_raise_as_in_torch(backend):
     """A torch.optim.Adam state_dict saved for a (10,) parameter loaded for a (20,) one: torch
     raises at its step (a size mismatch), and so do we, before any kernel reads the moments."""

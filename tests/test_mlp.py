@@ -114,6 +114,34 @@ def test_index_gathers_rows_and_overwrites_gradients():
             torch.testing.assert_close(g.double(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_parameters_and_gradients_replaced_between_calls():
+    """A step checks again what it skipped checking while the parameter and gradient tensors
+    stayed where they were: storage given through ``.data``, a new or non-contiguous ``.grad``,
+    a parameter of another dtype (an error)."""
+    layers = make_layers((12, 8, 3))
+    step = MLPStep(layers)
+    x, target = torch.randn(6, 12), torch.randint(0, 3, (6,))
+
+    def check():
+        loss = step(x, target)
+        want_loss, want_grads = torch_step(layers, x, target)
+        torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-6)
+        for p, want in zip(parameters(layers), want_grads):
+            torch.testing.assert_close(p.grad.double(), want, rtol=1e-5, atol=1e-6)
+
+    check()
+    layers[0].weight.data = torch.randn(8, 12)
+    check()
+    layers[1].weight.grad = torch.zeros(8, 3).t()  # not contiguous: replaced by a new one
+    check()
+    assert layers[1].weight.grad.is_contiguous()
+    layers[0].bias.grad = None
+    check()
+    layers[1].bias.data = layers[1].bias.data.double()
+    with pytest.raises(TypeError, match="one dtype"):
+        step(x, target)
+
+
 def test_trains_like_the_autograd_path():
     """Ten Adam steps through MLPStep and through nn.Linear + autograd + torch.optim.Adam end at the same weights."""
     layers = make_layers((30, 16, 4))

@@ -17,6 +17,7 @@ other model, loss or device takes the autograd path, for which the ops are drop-
 from __future__ import annotations
 
 from collections.abc import Iterable
+from operator import attrgetter, is_
 
 import torch
 
@@ -54,11 +55,13 @@ class MLPStep:
         self.layers = layers
         self.activation = hidden.pop() if hidden else "none"
         self._buffers: dict[tuple[int, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        # (parameters, gradients, their addresses) as the last full check found them
+        self._checked: tuple[list, list, list[int], list[int]] | None = None
+        self._layer_lists: dict[int, list[int]] = {}  # by batch size, for the checked tensors
         self._gathered: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        params = self._check_parameters()
-        dtype = params[0].dtype
+        dtype = self._check_parameters()
         check_tensor(OP, "input", x, backend="cpu", dim=2)
         if x.dtype != dtype or not x.is_cpu:
             raise TypeError(f"{OP}: input is {x.dtype} on {x.device}, the parameters are {dtype} on cpu")
@@ -71,26 +74,25 @@ class MLPStep:
         if target.shape[0] != x.shape[0]:
             raise ValueError(f"{OP}: target has {target.shape[0]} rows but input has {x.shape[0]}")
         x, target = x.contiguous(), target.contiguous()
-        batch = None
-        if index is not None:
-            if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != torch.int64 or not index.is_cpu:
-                raise TypeError(f"{OP}: index must be a 1-D int64 CPU tensor of row numbers")
-            index = index.contiguous()
-            batch = self._gather_buffers(index.shape[0], x.shape[1], dtype)
-        M = x.shape[0] if index is None else index.shape[0]
-        outputs, grad_outputs = self._batch_buffers(M, dtype)
-        layers = []
-        for layer, output, grad_output in zip(self.layers, outputs, grad_outputs):
-            w, b = layer.weight, layer.bias
-            layers += [w.data_ptr(), 0 if b is None else b.data_ptr(), _grad(w).data_ptr(),
-                       0 if b is None else _grad(b).data_ptr(), output.data_ptr(), grad_output.data_ptr(),
-                       layer.in_features, layer.out_features]
-        if batch is None:
-            return cpu.step(x, target, layers, self.activation)
-        return cpu.step(x, target, layers, self.activation, index, *batch)
+        if index is None:
+            return cpu.step(x, target, self._layer_list(x.shape[0], dtype), self.activation)
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != torch.int64 or not index.is_cpu:
+            raise TypeError(f"{OP}: index must be a 1-D int64 CPU tensor of row numbers")
+        index = index.contiguous()
+        M = index.shape[0]
+        return cpu.step(x, target, self._layer_list(M, dtype), self.activation, index,
+                        *self._gather_buffers(M, x.shape[1], dtype))
 
-    def _check_parameters(self) -> list[torch.Tensor]:
+    def _check_parameters(self) -> torch.dtype:
+        """Checks the parameters and their gradients (see the class doc) and returns their dtype.
+        A call that finds the same parameter and gradient tensors at the addresses the last call
+        checked skips the checks: only a replaced tensor (or one given new storage) can fail them."""
         params = [p for layer in self.layers for p in (layer.weight, layer.bias) if p is not None]
+        grads = list(map(_grad_of, params))
+        checked = self._checked
+        if (checked is not None and all(map(is_, params, checked[0])) and all(map(is_, grads, checked[1]))
+                and list(map(_data_ptr, params)) == checked[2] and list(map(_address, grads)) == checked[3]):
+            return params[0].dtype
         dtype = params[0].dtype
         for p in params:
             if not p.is_cpu or p.dtype != dtype or dtype not in SUPPORTED_DTYPES["cpu"]:
@@ -98,7 +100,26 @@ class MLPStep:
                                 f"parameter on {p.device}; other devices take the autograd path")
             if not p.is_contiguous():
                 raise ValueError(f"{OP}: a parameter of shape {tuple(p.shape)} is not contiguous")
-        return params
+        grads = [_grad(p) for p in params]
+        self._checked = (params, grads, list(map(_data_ptr, params)), list(map(_data_ptr, grads)))
+        self._layer_lists.clear()
+        return dtype
+
+    def _layer_list(self, M: int, dtype: torch.dtype) -> list[int]:
+        """The C++ step's description of the layers (LAYER_FIELDS each) for batches of M rows, made
+        once per batch size from the checked addresses and the kept output buffers."""
+        layers = self._layer_lists.get(M)
+        if layers is None:
+            outputs, grad_outputs = self._batch_buffers(M, dtype)
+            addresses = iter(zip(self._checked[2], self._checked[3]))
+            layers = []
+            for layer, output, grad_output in zip(self.layers, outputs, grad_outputs):
+                weight, grad_weight = next(addresses)
+                bias, grad_bias = next(addresses) if layer.bias is not None else (0, 0)
+                layers += [weight, bias, grad_weight, grad_bias, output.data_ptr(), grad_output.data_ptr(),
+                           layer.in_features, layer.out_features]
+            self._layer_lists[M] = layers
+        return layers
 
     def _gather_buffers(self, M: int, K: int, dtype: torch.dtype):
         key = (M, dtype)
@@ -112,6 +133,13 @@ class MLPStep:
             outputs = [torch.empty(M, layer.out_features, dtype=dtype) for layer in self.layers]
             self._buffers[key] = (outputs, [torch.empty_like(o) for o in outputs])
         return self._buffers[key]
+
+
+_grad_of, _data_ptr = attrgetter("grad"), torch.Tensor.data_ptr
+
+
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor:
