@@ -11,9 +11,10 @@ Peers, all from the same initial weights:
 * ours: ffnn.train's step with FusedLinear, cross_entropy and FusedAdam (a CUDA graph on CUDA;
   on the CPU kernels.MLPStep, forward, loss and backward in one native call).
 
-On the CPU two more cases time the resident eager loop and ours side by side: with one thread,
-and with the default threads beside one competing busy process (a loaded machine: the thread
-pools must degrade no worse than PyTorch's own).
+On the CPU more cases time the resident eager loop and ours side by side: with one thread, with
+the default threads beside one competing busy process (a loaded machine: the thread pools must
+degrade no worse than PyTorch's own), and on an AVX-512 machine with the C++ kernels' AVX2 build
+(how an AVX2-only CPU runs them).
 
 The time is the median over the epochs after the first (which includes compilation, autotuning
 and capture); the accuracy table below the timings gives the first epoch too.
@@ -153,6 +154,25 @@ def _threads(n: int):
         torch.set_num_threads(previous)
 
 
+def _cpu_isa() -> str:
+    from kernels import _C
+
+    return _C.isa()
+
+
+@contextlib.contextmanager
+def _isa(name: str):
+    """The C++ kernels' build for instruction set ``name`` (an AVX2-only CPU's, on an AVX-512 one)."""
+    from kernels import _C
+
+    previous = _C.isa()
+    _C.set_isa(name)
+    try:
+        yield
+    finally:
+        _C.set_isa(previous)
+
+
 def _datasets() -> list[str]:
     """fashion-mnist (Debian's dataset-fashion-mnist), and MNIST where its files are present."""
     present = []
@@ -203,8 +223,10 @@ def run(device: torch.device, quick: bool = False) -> Results:
                 results.add(case, impl_name, None, note=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
         if on_cuda:
             continue
-        for case, setting in ((f"{case}, 1 thread", _threads(1)),
-                              (f"{case}, beside one busy process", _busy_process())):
+        settings = [(f"{case}, 1 thread", _threads(1)), (f"{case}, beside one busy process", _busy_process())]
+        if _cpu_isa() == "avx512":
+            settings.append((f"{case}, AVX2 path", _isa("avx2")))
+        for case, setting in settings:
             with setting:
                 for impl_name, impl in (("resident eager + fused Adam", "torch"), (OURS, "fused")):
                     model, step, loss_sum = _resident(impl, data, device)

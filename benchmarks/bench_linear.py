@@ -7,7 +7,10 @@ computed; gradients are reset to None between calls, as ``zero_grad`` does).
 
 GPU cases: bf16 4096^3 and 8192^3 (the latter not with --quick) forward, bf16 4096^3
 forward+backward, and the MNIST MLP's layers in fp32 (batch 64: 784->128, 128->64, 64->10).
-CPU cases: the MNIST layers and 512x1024x1024, forward and forward+backward.
+CPU cases: the MNIST layers, the wider tutorial network's (784->512, 512->128) and 512x1024x1024,
+forward and forward+backward; then the MLP layers again against eager PyTorch with one thread,
+and with the C++ kernels' AVX2 build on an AVX-512 machine (``kernels._C.set_isa("avx2")``, how
+an AVX2-only CPU such as AMD's EPYC runs them; PyTorch keeps its own best path).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from benchmarks.harness import OURS, Results
 import kernels
 
 MNIST_LAYERS = [(64, 784, 128), (64, 128, 64), (64, 64, 10)]
+WIDE_LAYERS = [(64, 784, 512), (64, 512, 128)]  # the 784-512-128-10 tutorial network
 
 
 def torch_eager(x, w, b):
@@ -32,7 +36,7 @@ def cases(device: torch.device, quick: bool) -> list[tuple[tuple[int, int, int],
             big.append(((8192, 8192, 8192), torch.bfloat16, False))
         big.append(((4096, 4096, 4096), torch.bfloat16, True))
         return big + [(s, torch.float32, bwd) for bwd in (False, True) for s in MNIST_LAYERS]
-    shapes = MNIST_LAYERS + ([] if quick else [(512, 1024, 1024)])
+    shapes = MNIST_LAYERS + WIDE_LAYERS + ([] if quick else [(512, 1024, 1024)])
     return [(s, torch.float32, bwd) for bwd in (False, True) for s in shapes]
 
 
@@ -61,19 +65,41 @@ def timed(fn, x, w, b, backward: bool):
 
 def run(device: torch.device, quick: bool = False) -> Results:
     results = Results("linear", str(device))
-    on_gpu = device.type == "cuda"
-    unit, scale = ("TFLOP/s", 1e12) if on_gpu else ("GFLOP/s", 1e9)
     for (M, K, N), dtype, backward in cases(device, quick):
-        layer = torch.nn.Linear(K, N, device=device, dtype=dtype)
-        x = torch.randn(M, K, device=device, dtype=dtype).requires_grad_(backward)
-        w = layer.weight.detach().requires_grad_(backward)
-        b = layer.bias.detach().requires_grad_(backward)
-        dtype_name = str(dtype).replace("torch.", "")
-        case = f"{'fwd+bwd' if backward else 'fwd'} {dtype_name} {M}x{K}x{N}"
-        work = (6 if backward else 2) * M * N * K
-        for impl, fn in peers(device, backward).items():
-            results.time(case, impl, timed(fn, x, w, b, backward), work=work, unit=unit, scale=scale)
-        del x, w, b, layer
-        if on_gpu:
-            torch.cuda.empty_cache()
+        time_case(results, device, M, K, N, dtype, backward, peers(device, backward))
+    if device.type == "cpu":
+        from kernels import _C
+
+        eager = {OURS: lambda x, w, b: kernels.linear(x, w, b, "relu"), "torch eager": torch_eager}
+        variants = [(", 1 thread", 1, _C.isa())]
+        if _C.isa() == "avx512":
+            variants.append((f", AVX2 path, {torch.get_num_threads()} threads", torch.get_num_threads(), "avx2"))
+        threads, isa = torch.get_num_threads(), _C.isa()
+        try:
+            for suffix, n, variant_isa in variants:
+                torch.set_num_threads(n)
+                _C.set_isa(variant_isa)
+                for backward in (False, True):
+                    for M, K, N in MNIST_LAYERS + WIDE_LAYERS:
+                        time_case(results, device, M, K, N, torch.float32, backward, eager, suffix)
+        finally:
+            torch.set_num_threads(threads)
+            _C.set_isa(isa)
     return results
+
+
+def time_case(results: Results, device: torch.device, M: int, K: int, N: int, dtype: torch.dtype, backward: bool,
+              impls: dict, suffix: str = "") -> None:
+    unit, scale = ("TFLOP/s", 1e12) if device.type == "cuda" else ("GFLOP/s", 1e9)
+    layer = torch.nn.Linear(K, N, device=device, dtype=dtype)
+    x = torch.randn(M, K, device=device, dtype=dtype).requires_grad_(backward)
+    w = layer.weight.detach().requires_grad_(backward)
+    b = layer.bias.detach().requires_grad_(backward)
+    dtype_name = str(dtype).replace("torch.", "")
+    case = f"{'fwd+bwd' if backward else 'fwd'} {dtype_name} {M}x{K}x{N}{suffix}"
+    work = (6 if backward else 2) * M * N * K
+    for impl, fn in impls.items():
+        results.time(case, impl, timed(fn, x, w, b, backward), work=work, unit=unit, scale=scale)
+    del x, w, b, layer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -481,9 +481,9 @@ MUTATIONS = {
 
 @pytest.mark.parametrize("mutation", MUTATIONS)
 def test_quick_table_check_agrees_with_the_full_one(mutation):
-    """The check every step makes first (GroupTable.unchanged, lists compared at once) says the
+    """The check every step makes first (GroupTable.quick_status, lists compared at once) says the
     table is current exactly when the detailed one (GroupTable.changes) does."""
-    from kernels.ops.param_table import CURRENT
+    from kernels.ops.param_table import CURRENT, GRADIENTS
 
     params = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True), torch.randn(4, requires_grad=True)]
     for p in params[:2]:
@@ -493,7 +493,9 @@ def test_quick_table_check_agrees_with_the_full_one(mutation):
     table = opt._tables[0]
     MUTATIONS[mutation](opt, params)
     group = opt.param_groups[0]
-    assert table.unchanged(opt, group) == (table.changes(opt, group)[0] == CURRENT) == (mutation == "nothing")
+    quick, (full, _) = table.quick_status(opt, group), table.changes(opt, group)
+    assert quick in (full, None) and (quick == CURRENT) == (full == CURRENT) == (mutation == "nothing")
+    assert (quick == GRADIENTS) == (full == GRADIENTS) == (mutation == "new gradient tensor")
 
 
 def test_loaded_moments_of_another_size_raise_as_in_torch(backend):

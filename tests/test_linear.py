@@ -294,6 +294,34 @@ def test_gradcheck_triton(activation):
     assert torch.autograd.gradcheck(lambda *t: kernels.linear(*t, activation=activation), (x, w, b))
 
 
+def test_tiny_cpu_layers_run_torch_ops_unless_a_backend_is_forced(monkeypatch):
+    """Below SMALL_CPU_WORK multiply-adds a CPU layer runs PyTorch's own ops (equal to nn.Linear +
+    activation to the bit, gradients through autograd's own nodes); at or above it, or with the
+    backend forced to "cpu", the C++ kernel runs."""
+    from kernels.cpu import linear as cpu_linear
+    from kernels.ops.linear import SMALL_CPU_WORK
+
+    launches = []
+    forward = cpu_linear.forward
+    monkeypatch.setattr(cpu_linear, "forward", lambda *a: launches.append(1) or forward(*a))
+    x, w, b = make(30, 3, 5, device="cpu")  # the 3-5-1 regression network's first layer
+    assert 30 * 3 * 5 < SMALL_CPU_WORK
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    y = kernels.linear(xs, ws, bs, "relu")
+    y.sum().backward()
+    xt, wt, bt = (t.clone().requires_grad_() for t in (x, w, b))
+    want = torch.relu(F.linear(xt, wt, bt))
+    want.sum().backward()
+    assert torch.equal(y, want) and not launches
+    for got, expected in ((xs.grad, xt.grad), (ws.grad, wt.grad), (bs.grad, bt.grad)):
+        assert torch.equal(got, expected)
+    kernels.linear(*make(64, 64, 1, device="cpu"), "relu")  # 4,096 multiply-adds
+    assert launches == [1]
+    kernels.set_backend("cpu")
+    kernels.linear(x, w, b, "relu")
+    assert launches == [1, 1]
+
+
 def test_torch_backend_is_the_reference():
     kernels.set_backend("torch")
     x, w, b = make(5, 4, 3, device="cpu")

@@ -23,11 +23,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels._dispatch import backend_for, check_same, check_tensor, implementation
+from kernels._dispatch import (SUPPORTED_DTYPES, backend_for, check_same, check_tensor, get_backend, implementation,
+                               same_device)
 from kernels.reference import linear as reference
 
 OP = "linear"
 ACTIVATIONS = tuple(reference.ACTIVATIONS)
+# Multiply-adds below which a CPU layer runs PyTorch's own ops, unless a backend is forced
+# (set_backend / KERNELS_BACKEND): there the Python of a call through autograd.Function and back
+# (about 10 us a layer) costs more than any kernel can save, as in the toy tutorial networks
+# (1-2-1 on one sample, 3-5-1 on 30 rows). The MNIST layers are 10x to 1,600x above it.
+SMALL_CPU_WORK = 1 << 12
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -36,12 +42,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     weight (out_features, in_features), bias (out_features,) or None; returns (*, out_features).
 
     Backends: Triton on CUDA (float32, bfloat16, float16; float64 too, accumulated in float64 on
-    untuned tiles), C++ on CPU (float32, float64), plain PyTorch elsewhere (see ``kernels._dispatch``). Raises TypeError/ValueError naming the
-    offending shapes, dtypes, devices or activation.
+    untuned tiles), C++ on CPU (float32, float64; PyTorch's own ops below SMALL_CPU_WORK
+    multiply-adds unless a backend is forced), plain PyTorch elsewhere (see ``kernels._dispatch``).
+    Raises TypeError/ValueError naming the offending shapes, dtypes, devices or activation.
     """
     backend = _check(x, weight, bias, activation)
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if backend == "cpu" and x2d.shape[0] * weight.numel() < SMALL_CPU_WORK and get_backend() is None:
+        y = reference.forward(x2d, weight, bias, activation)  # autograd's own nodes
+    elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         y = LinearFunction.apply(x2d, weight, bias, activation, backend)
     else:  # nothing to differentiate: skip autograd's bookkeeping (2.5 us a call)
         y = _forward(x2d, weight, bias, activation, backend)
@@ -49,7 +58,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _check(x, weight, bias, activation) -> str:
-    """Validates the arguments of ``linear``; returns the backend that runs it."""
+    """Validates the arguments of ``linear``; returns the backend that runs it. The common case
+    (CPU or one CUDA device, one supported dtype, matching shapes) is recognised in one
+    expression; anything else goes through the checks one by one, which name what is wrong."""
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor)):
+        backend = backend_for(x)
+        dtype = x.dtype
+        if (backend in SUPPORTED_DTYPES and dtype in SUPPORTED_DTYPES[backend] and weight.dtype == dtype
+                and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
+                and (bias is None or (bias.dtype == dtype and bias.dim() == 1 and bias.shape[0] == weight.shape[0]))
+                and same_device(x, weight) and (bias is None or same_device(x, bias))
+                and activation in reference.ACTIVATIONS):
+            return backend
+    return _check_each(x, weight, bias, activation)
+
+
+def _check_each(x, weight, bias, activation) -> str:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{OP}: input must be a torch.Tensor, got {type(x).__name__}")
     backend = backend_for(x)

@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels._dispatch import SUPPORTED_DTYPES, backend_for, dtype_names, implementation
+from kernels._dispatch import SUPPORTED_DTYPES, backend_for, dtype_names, implementation, same_device
 
 # The fields of one table row, per optimizer (see the module docstring). "numel" is always last:
 # the C++ walker (csrc/param_table.h) reads it there.
@@ -123,6 +123,10 @@ def check_state_shape(where: str, key: str, value: torch.Tensor, param: torch.Te
 
 
 _grad_of, _shape_of, _data_ptr = attrgetter("grad"), attrgetter("shape"), torch.Tensor.data_ptr
+
+
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def _alias(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -213,27 +217,57 @@ class GroupTable:
     def update_gradients(self, optimizer: FusedOptimizer, index: int) -> None:
         """Makes the rows again for new gradient tensors (after changes() found GRADIENTS): each
         row as it was, with its new gradient."""
-        name = type(optimizer).__name__
-        for i, slot in enumerate(self.slots):
-            if slot.grad is not None:
-                self._set_grad(slot, slot.param.grad, f"{name}: parameter {i} of group {index}")
-        self._make_rows(gradients_only=True)
+        if not self._swap_gradients(list(map(_grad_of, self.row_params))):
+            for i, slot in enumerate(self.slots):
+                if slot.grad is not None:
+                    self._set_grad(slot, slot.param.grad, lambda: f"{type(optimizer).__name__}: parameter {i} of group {index}")
+            self._make_rows(gradients_only=True)
         optimizer.table_builds += 1
 
-    def _set_grad(self, slot: _Slot, g: torch.Tensor, where: str) -> None:
+    def _swap_gradients(self, grads: list) -> bool:
+        """update_gradients in its common case (every step of a ``zero_grad(set_to_none=True)``
+        loop): the new gradients, like the old ones, are real dense tensors with their parameters'
+        strides, so each row as last made only takes its gradient's address, in one pass. False (nothing
+        done) for anything else, which the general path handles and reports."""
+        if self.grad_copies or self.first_steps:
+            return False
+        for slot, g in zip(self.row_slots, grads):
+            p = slot.param
+            if (slot.entry is None or g is None or g.dtype != p.dtype or g.shape != p.shape or g.stride() != p.stride() or g.is_sparse
+                    or g.is_complex() or not same_device(g, p)):
+                return False
+        grad_field = self.layout.index("grad")
+        for slot, g in zip(self.row_slots, grads):
+            entry = slot.entry
+            slot.grad, slot.grad_address = g, g.data_ptr()
+            slot.entry = Entry(entry.row[:grad_field] + (slot.grad_address,) + entry.row[grad_field + 1:],
+                               {**entry.tensors, "grad": g})
+        self.tables = [self.implementation.table([slot.entry for slot in slots], self.device)
+                       for slots in self.table_slots]
+        self.grads = [slot.grad for slot in self.slots]
+        self._remember(gradients_only=True)
+        return True
+
+    def _set_grad(self, slot: _Slot, g: torch.Tensor, where) -> None:
+        """Checks gradient ``g`` of the slot's parameter and records it; ``where`` (a string, or a
+        function making it) names the parameter in errors."""
         p = slot.param
+        if g.is_sparse or g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
+            self._bad_grad(g, p, where if isinstance(where, str) else where())
+        slot.grad, slot.grad_address = g, g.data_ptr()
+
+    @staticmethod
+    def _bad_grad(g: torch.Tensor, p: torch.Tensor, where: str) -> None:
         if g.is_sparse:
             raise RuntimeError(f"{where.split(':')[0]} does not support sparse gradients (the gradient of "
                                f"{where.split(': ')[1]} is sparse)")
-        if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
-            raise ValueError(f"{where}: its gradient is a {g.dtype} tensor of shape {tuple(g.shape)} on {g.device}; "
-                             f"the parameter is {p.dtype}, {tuple(p.shape)} on {p.device}")
-        slot.grad, slot.grad_address = g, g.data_ptr()
+        raise ValueError(f"{where}: its gradient is a {g.dtype} tensor of shape {tuple(g.shape)} on {g.device}; "
+                         f"the parameter is {p.dtype}, {tuple(p.shape)} on {p.device}")
 
     def _make_rows(self, gradients_only: bool = False) -> None:
         """The backend tables, one per parameter dtype, from the slots' current gradients (with
         ``gradients_only``, from each slot's previous entry with only its gradient replaced)."""
-        buckets: dict[torch.dtype, list[Entry]] = {}
+        buckets: dict[torch.dtype, list[_Slot]] = {}
         self.grad_copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, gradient): copied before each launch
         self.first_steps = False
         layout = self.layout
@@ -255,41 +289,48 @@ class GroupTable:
             else:
                 slot.entry = entry = make_entry(layout, p, g, slot.fields)
             self.first_steps |= bool(slot.fields.get("first_step"))
-            buckets.setdefault(entry.tensors["param"].dtype, []).append(entry)
-        self.tables = [self.implementation.table(entries, self.device) for entries in buckets.values()]
+            buckets.setdefault(entry.tensors["param"].dtype, []).append(slot)
+        self.table_slots = list(buckets.values())  # the slots of each table's rows, in order
+        self.tables = [self.implementation.table([slot.entry for slot in slots], self.device)
+                       for slots in self.table_slots]
         self.grads = [slot.grad for slot in self.slots]  # keeps every gradient in the rows alive
-        self._remember()
+        self._remember(gradients_only)
 
-    def _remember(self) -> None:
-        """What ``unchanged`` compares: per parameter with a row, its object, address, shape, state
-        dict and gradient (object and address); its state tensors in one flat list; and the
+    def _remember(self, gradients_only: bool = False) -> None:
+        """What ``quick_status`` compares: per parameter with a row, its object, address, shape,
+        state dict and gradient (object and address); its state tensors in one flat list; and the
         parameters without a row."""
-        rows = [s for s in self.slots if s.grad is not None]
+        self.row_slots = rows = [s for s in self.slots if s.grad is not None]
+        self.row_grads = [s.grad for s in rows]
+        self.row_grad_addresses = [s.grad_address for s in rows]
+        if gradients_only:
+            return
         self.row_params = [s.param for s in rows]
         self.row_addresses = [s.address for s in rows]
         self.row_shapes = [s.shape for s in rows]
         self.row_states = [s.state for s in rows]
-        self.row_grads = [s.grad for s in rows]
-        self.row_grad_addresses = [s.grad_address for s in rows]
         self.state_dicts = [s.state for s in rows for _ in s.tensors]
         self.state_names = [key for s in rows for key, _ in s.tensors]
         self.state_tensors = [t for s in rows for _, t in s.tensors]
         self.rowless_params = [s.param for s in self.slots if s.grad is None]
 
-    def unchanged(self, optimizer: FusedOptimizer, group: dict) -> bool:
-        """Whether ``changes`` would find the table CURRENT: the same conditions, checked list at
-        a time (a few microseconds for a group of any model's size), without saying what changed."""
+    def quick_status(self, optimizer: FusedOptimizer, group: dict) -> int | None:
+        """CURRENT or GRADIENTS where ``changes`` would find that, else None (then ``changes`` says
+        what changed): the same conditions, compared list at a time (a few microseconds for a group
+        of any model's size), so that steps after ``zero_grad(set_to_none=True)`` stay cheap too."""
         params = self.row_params
-        grads = list(map(_grad_of, params))
-        return (group is self.group and group["params"] is self.params and len(self.params) == self.num_params
+        if not (group is self.group and group["params"] is self.params and len(self.params) == self.num_params
                 and optimizer.state is self.state and optimizer.table_options(group) == self.options
-                and all(map(is_, grads, self.row_grads))
-                and list(map(_data_ptr, grads)) == self.row_grad_addresses
                 and list(map(_data_ptr, params)) == self.row_addresses
                 and list(map(_shape_of, params)) == self.row_shapes
                 and all(map(is_, map(self.state.get, params), self.row_states))
                 and all(map(is_, map(dict.get, self.state_dicts, self.state_names), self.state_tensors))
-                and all(g is None for g in map(_grad_of, self.rowless_params)))
+                and all(g is None for g in map(_grad_of, self.rowless_params))):
+            return None
+        grads = list(map(_grad_of, params))
+        if all(map(is_, grads, self.row_grads)) and list(map(_address, grads)) == self.row_grad_addresses:
+            return CURRENT
+        return None if any(g is None for g in grads) else GRADIENTS
 
     def launched(self) -> None:
         """After a launch: the kernels have cleared their first_step flags; so do the slots."""
@@ -403,13 +444,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         tables = self._tables
         for index, group in enumerate(self.param_groups):
             table = tables.get(index)
-            if table is not None and table.unchanged(self, group):
-                status = CURRENT
-            else:
-                status, change = (STALE, "there was no table yet") if table is None else table.changes(self, group)
+            status = None if table is None else table.quick_status(self, group)
             capturing = (table.cuda if table is not None else bool(group["params"]) and group["params"][0].is_cuda) \
                 and torch.cuda.is_current_stream_capturing()
             if status != CURRENT:
+                if status is None or capturing:  # what changed, in words
+                    status, change = (STALE, "there was no table yet") if table is None else table.changes(self, group)
                 if capturing:
                     raise RuntimeError(
                         f"{type(self).__name__}: the tensor table of parameter group {index} would be rebuilt "
