@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "common.h"
+#include "entry_points.h"
 #include "param_table.h"
 
 namespace kernels {
@@ -124,6 +125,8 @@ void adam_group(const int64_t* table, int64_t rows, const Hyper& h, int num_thre
   });
 }
 
+}  // namespace
+
 void adam_step(const std::string& dtype, uintptr_t table, int64_t rows, double lr, double beta1, double beta2,
                double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize, int num_threads) {
   const Hyper h{lr, beta1, beta2, eps, weight_decay};
@@ -136,6 +139,8 @@ void adam_step(const std::string& dtype, uintptr_t table, int64_t rows, double l
         weight_decay != 0, decoupled, amsgrad, maximize);
   });
 }
+
+namespace {
 
 static const Register registration([](py::module_& m) {
   py::tuple fields(size_t{kFields});

@@ -1,7 +1,8 @@
 // One training step of a plain MLP on the CPU in one call: forward through every layer, the
-// mean softmax cross-entropy and its gradient, and the backward through every layer into the
-// parameters' gradient buffers, composed from the linear and cross-entropy entry points
-// (entry_points.h) with no Python, autograd or allocation between them.
+// mean softmax cross-entropy and its gradient, the backward through every layer into the
+// parameters' gradient buffers and, given one, the optimizer's step over its table, composed
+// from the linear, cross-entropy and optimizer entry points (entry_points.h) with no Python,
+// autograd or allocation between them.
 //
 // The layers arrive as a flat list of kMlpLayerFields int64 values per layer (built by
 // kernels/ops/mlp.py, which restates the field order as MLP_LAYER_FIELDS; a test compares the
@@ -12,6 +13,7 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -42,14 +44,46 @@ void gather_rows(const T* x, const int64_t* target, const int64_t* index, T* x_b
   });
 }
 
+// The optimizer step run after the backward, or none (op ""): "adam" or "sgd", its table and
+// the rest of adam_step's or sgd_step's arguments (kernels/cpu/{adam,sgd}.py's update()).
+struct Update {
+  std::string op;
+  uintptr_t table;
+  int64_t rows;
+  std::vector<double> scalars;
+  std::vector<bool> flags;
+};
+
+// Throws unless `u` names a known update with its number of arguments: checked before the step
+// runs, so that a bad update leaves nothing half done.
+void check_update(const Update& u) {
+  if (u.op.empty()) return;
+  const size_t scalars = u.op == "adam" ? 5 : u.op == "sgd" ? 4 : 0, flags = u.op == "adam" ? 3 : 2;
+  if (scalars == 0) throw std::invalid_argument("MLPStep: unknown optimizer update " + u.op);
+  if (u.scalars.size() != scalars || u.flags.size() != flags)
+    throw std::invalid_argument("MLPStep: the " + u.op + " update takes " + std::to_string(scalars) + " scalars and " +
+                                std::to_string(flags) + " flags");
+}
+
+void run_update(const std::string& dtype, const Update& u, int num_threads) {
+  const auto& s = u.scalars;
+  const auto& f = u.flags;
+  if (u.op == "adam")
+    adam_step(dtype, u.table, u.rows, s[0], s[1], s[2], s[3], s[4], f[0], f[1], f[2], num_threads);
+  else if (u.op == "sgd")
+    sgd_step(dtype, u.table, u.rows, s[0], s[1], s[2], s[3], f[0], f[1], num_threads);
+}
+
 // Runs the step on a batch x (M, K0) with int64 targets (M); writes the mean loss to `loss`.
 // With `index` (M int64 row numbers, else 0), the batch is rows index of x (rows rows) and target,
 // gathered first into x_batch and target_batch (gather_rows). Returns -1, or the first row whose
-// target is out of range (then no gradient is written); raises IndexError for an index out of
-// range.
+// target is out of range (then no gradient is written and no update runs); raises IndexError
+// for an index out of range. Then runs `update`.
 int64_t mlp_step(const std::string& dtype, uintptr_t x, uintptr_t target, uintptr_t index, int64_t rows,
                  uintptr_t x_batch, uintptr_t target_batch, uintptr_t loss, int64_t M,
-                 const std::vector<int64_t>& layers, const std::string& activation, int num_threads) {
+                 const std::vector<int64_t>& layers, const std::string& activation, const Update& update,
+                 int num_threads) {
+  check_update(update);
   const int64_t count = int64_t(layers.size()) / kMlpLayerFields;
   auto field = [&](int64_t l, LayerField f) { return layers[l * kMlpLayerFields + f]; };
   if (index) {
@@ -80,6 +114,7 @@ int64_t mlp_step(const std::string& dtype, uintptr_t x, uintptr_t target, uintpt
     linear_backward(dtype, field(l, kGradOutput), l == last ? 0 : field(l, kOutput), input(l), field(l, kWeight),
                     l == 0 ? 0 : field(l - 1, kGradOutput), field(l, kGradWeight), field(l, kGradBias), M,
                     field(l, kOutFeatures), field(l, kInFeatures), act(l), num_threads);
+  run_update(dtype, update, num_threads);
   return -1;
 }
 
@@ -87,12 +122,22 @@ static const Register registration([](py::module_& m) {
   py::tuple fields(size_t{kMlpLayerFields});
   for (int f = 0; f < kMlpLayerFields; ++f) fields[f] = kLayerFieldNames[f];
   m.attr("mlp_layer_fields") = fields;
-  m.def("mlp_step", &mlp_step, py::call_guard<py::gil_scoped_release>(),
-        "Forward, mean cross-entropy and backward of a plain MLP in one call (see csrc/mlp.cpp); returns -1 or the "
-        "first row whose target is out of range.",
-        py::arg("dtype"), py::arg("x"), py::arg("target"), py::arg("index"), py::arg("rows"), py::arg("x_batch"),
-        py::arg("target_batch"), py::arg("loss"), py::arg("m"), py::arg("layers"), py::arg("activation"),
-        py::arg("num_threads"));
+  m.def(
+      "mlp_step",
+      [](const std::string& dtype, uintptr_t x, uintptr_t target, uintptr_t index, int64_t rows, uintptr_t x_batch,
+         uintptr_t target_batch, uintptr_t loss, int64_t M, const std::vector<int64_t>& layers,
+         const std::string& activation, const std::string& update_op, uintptr_t update_table, int64_t update_rows,
+         const std::vector<double>& update_scalars, const std::vector<bool>& update_flags, int num_threads) {
+        return mlp_step(dtype, x, target, index, rows, x_batch, target_batch, loss, M, layers, activation,
+                        Update{update_op, update_table, update_rows, update_scalars, update_flags}, num_threads);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Forward, mean cross-entropy, backward and optionally an optimizer step of a plain MLP in one call (see "
+      "csrc/mlp.cpp); returns -1 or the first row whose target is out of range (then nothing is written).",
+      py::arg("dtype"), py::arg("x"), py::arg("target"), py::arg("index"), py::arg("rows"), py::arg("x_batch"),
+      py::arg("target_batch"), py::arg("loss"), py::arg("m"), py::arg("layers"), py::arg("activation"),
+      py::arg("update_op"), py::arg("update_table"), py::arg("update_rows"), py::arg("update_scalars"),
+      py::arg("update_flags"), py::arg("num_threads"));
 });
 
 }  // namespace

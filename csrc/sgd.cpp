@@ -15,6 +15,7 @@
 // addresses of param, grad and momentum_buffer (0 without momentum), first_step (1 until this
 // tensor's first momentum step, which clears it), then numel.
 #include "common.h"
+#include "entry_points.h"
 #include "param_table.h"
 
 namespace kernels {
@@ -66,6 +67,8 @@ void sgd_group(int64_t* table, int64_t rows, const Coefficients<T>& c, int num_t
     for (int64_t r = 0; r < rows; ++r) table[r * kFields + kFirstStep] = 0;
 }
 
+}  // namespace
+
 void sgd_step(const std::string& dtype, uintptr_t table, int64_t rows, double lr, double momentum, double dampening,
               double weight_decay, bool nesterov, bool maximize, int num_threads) {
   dispatch_dtype(dtype, [&](auto zero) {
@@ -79,6 +82,8 @@ void sgd_step(const std::string& dtype, uintptr_t table, int64_t rows, double lr
         weight_decay != 0, momentum != 0, nesterov, maximize);
   });
 }
+
+namespace {
 
 static const Register registration([](py::module_& m) {
   py::tuple fields(size_t{kFields});

@@ -94,11 +94,12 @@ def flat_gradients(params: list[torch.nn.Parameter]) -> torch.Tensor:
     return flat
 
 
-def native_step(model: torch.nn.Module, loss_fn, x_all: torch.Tensor):
+def native_step(model: torch.nn.Module, loss_fn, x_all: torch.Tensor, optimizer=None):
     """``kernels.MLPStep`` for the fused MLP on the C++ backend: forward, loss and backward in
-    one native call, writing the gradients in place; None where the autograd path runs."""
+    one native call, writing the gradients in place, and with ``optimizer`` its step too; None
+    where the autograd path runs."""
     if isinstance(model, MLP) and loss_fn is kernels.cross_entropy and kernels.backend_for(x_all) == "cpu":
-        return kernels.MLPStep(model.children())
+        return kernels.MLPStep(model.children(), optimizer)
     return None
 
 
@@ -111,9 +112,14 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
     mean's gradient is the sum over ranks of (hi - lo) / batch_size times each rank's gradient,
     so gradients are scaled by that weight (``shard_weight``) and all-reduced with SUM."""
     grads = flat_gradients(list(model.parameters()))
-    native = native_step(model, loss_fn, x_all)
+    # A single process runs the whole step natively, the optimizer's included; several must
+    # all-reduce the gradients between the backward and the optimizer.
+    native = native_step(model, loss_fn, x_all, optimizer if world.size == 1 else None)
 
     def step(idx: torch.Tensor) -> None:
+        if native is not None and native.optimizer is not None:
+            loss_sum.add_(native(x_all, y_all, idx).detach())
+            return
         if native is not None:  # sets the gradients: nothing to zero
             loss = native(x_all, y_all, idx)
         else:

@@ -162,6 +162,61 @@ def test_trains_like_the_autograd_path():
         torch.testing.assert_close(p, r, rtol=1e-4, atol=1e-5)
 
 
+OPTIMIZERS = {
+    "adam": lambda ps: kernels.FusedAdam(ps, lr=1e-2),
+    "adam-amsgrad-wd": lambda ps: kernels.FusedAdam(ps, lr=1e-2, weight_decay=0.1, amsgrad=True, maximize=True),
+    "adamw": lambda ps: kernels.FusedAdamW(ps, lr=1e-2),
+    "sgd": lambda ps: kernels.FusedSGD(ps, lr=0.1),
+    "sgd-nesterov": lambda ps: kernels.FusedSGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "sgd-dampening": lambda ps: kernels.FusedSGD(ps, lr=0.1, momentum=0.9, dampening=0.5),
+    "two groups": lambda ps: kernels.FusedAdam([{"params": ps[:2]}, {"params": ps[2:], "lr": 0.1}], lr=1e-2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("make_optimizer", OPTIMIZERS.values(), ids=list(OPTIMIZERS))
+def test_optimizer_step_inside_the_native_call(make_optimizer, dtype):
+    """MLPStep(layers, optimizer) is MLPStep(layers) followed by optimizer.step(), to the bit,
+    step after step (SGD's first momentum step included), gathered rows or not; with two groups
+    (more than one launch) it calls optimizer.step() itself."""
+    layers, reference = make_layers((20, 16, 5), dtype=dtype), make_layers((20, 16, 5), dtype=dtype)
+    for ours, theirs in zip(layers, reference):
+        theirs.load_state_dict(ours.state_dict())
+    optimizer, reference_optimizer = make_optimizer(parameters(layers)), make_optimizer(parameters(reference))
+    step, reference_step = MLPStep(layers, optimizer), MLPStep(reference)
+    x_all, target_all = torch.randn(50, 20, dtype=dtype), torch.randint(0, 5, (50,))
+    for i in range(6):
+        index = torch.randint(0, 50, (8,)) if i % 2 else None
+        args = (x_all, target_all, index) if index is not None else (x_all[:8], target_all[:8])
+        loss, want = step(*args), reference_step(*args)
+        reference_optimizer.step()
+        assert torch.equal(loss, want)
+        for p, q in zip(parameters(layers), parameters(reference)):
+            assert torch.equal(p, q)
+    assert optimizer.state_dict()["state"].keys() == reference_optimizer.state_dict()["state"].keys()
+
+
+def test_native_update_is_skipped_for_bad_targets_and_bad_arguments():
+    """A target out of range raises before any gradient or update is written; the C++ step
+    refuses an update with the wrong number of arguments before it runs anything."""
+    from kernels import _C
+
+    layers = make_layers((6, 5, 3))
+    optimizer = kernels.FusedSGD(parameters(layers), lr=0.1)
+    step = MLPStep(layers, optimizer)
+    before = [p.detach().clone() for p in parameters(layers)]
+    with pytest.raises(ValueError, match="out of range"):
+        step(torch.randn(4, 6), torch.tensor([0, 1, 3, 1]))
+    assert all(torch.equal(p, b) for p, b in zip(parameters(layers), before))
+    with pytest.raises(TypeError, match="FusedAdam, FusedAdamW or FusedSGD"):
+        MLPStep(layers, torch.optim.SGD(parameters(layers), lr=0.1))
+    x, target, loss = torch.randn(4, 6), torch.tensor([0, 1, 2, 1]), torch.empty(())
+    step(x, target)
+    with pytest.raises(ValueError, match="sgd update takes 4 scalars and 2 flags"):
+        _C.mlp_step("float32", x.data_ptr(), target.data_ptr(), 0, 4, 0, 0, loss.data_ptr(), 4,
+                    step._layer_list(4, torch.float32), "relu", "sgd", 0, 0, [0.1], [False], 1)
+
+
 def test_layer_fields_match_the_cpp_step():
     from kernels import _C
 

@@ -33,5 +33,13 @@ def step(table: Table, lr, beta1, beta2, eps: float, weight_decay: float, *, dec
          maximize: bool) -> None:
     """One Adam (AdamW with ``decoupled``) step of the table's tensors; tensor hyper-parameters are
     CPU tensors here, read without a synchronisation."""
-    extension().adam_step(table.dtype, table.address, table.count, float(lr), float(beta1), float(beta2), float(eps),
-                          float(weight_decay), decoupled, amsgrad, maximize, num_threads())
+    scalars, flags = update(lr, beta1, beta2, eps, weight_decay, decoupled=decoupled, amsgrad=amsgrad,
+                            maximize=maximize)
+    extension().adam_step(table.dtype, table.address, table.count, *scalars, *flags, num_threads())
+
+
+def update(lr, beta1, beta2, eps: float, weight_decay: float, *, decoupled: bool, amsgrad: bool,
+           maximize: bool) -> tuple[list[float], list[bool]]:
+    """The arguments of csrc/adam.cpp's adam_step after its table, as (scalars, flags): also what
+    csrc/mlp.cpp's step takes to run the update itself."""
+    return [float(lr), float(beta1), float(beta2), float(eps), float(weight_decay)], [decoupled, amsgrad, maximize]

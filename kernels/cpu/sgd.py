@@ -6,11 +6,18 @@ from __future__ import annotations
 from kernels.cpu import extension, num_threads
 from kernels.cpu.adam import Table, table
 
-__all__ = ["Table", "table", "step"]
+__all__ = ["Table", "table", "step", "update"]
 
 
 def step(table: Table, lr, momentum: float, dampening: float, weight_decay, *, nesterov: bool,
          maximize: bool) -> None:
     """One SGD step of the table's tensors (torch.optim.SGD's rule)."""
-    extension().sgd_step(table.dtype, table.address, table.count, float(lr), float(momentum), float(dampening),
-                         float(weight_decay), nesterov, maximize, num_threads())
+    scalars, flags = update(lr, momentum, dampening, weight_decay, nesterov=nesterov, maximize=maximize)
+    extension().sgd_step(table.dtype, table.address, table.count, *scalars, *flags, num_threads())
+
+
+def update(lr, momentum: float, dampening: float, weight_decay, *, nesterov: bool,
+           maximize: bool) -> tuple[list[float], list[bool]]:
+    """The arguments of csrc/sgd.cpp's sgd_step after its table, as (scalars, flags): also what
+    csrc/mlp.cpp's step takes to run the update itself."""
+    return [float(lr), float(momentum), float(dampening), float(weight_decay)], [nesterov, maximize]

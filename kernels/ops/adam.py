@@ -120,10 +120,10 @@ class FusedAdam(FusedOptimizer):
         return (bool(group["amsgrad"]),)
 
     @staticmethod
-    def launch(backend, table, group: dict) -> None:
+    def hyperparameters(group: dict) -> tuple[tuple, dict]:
         beta1, beta2 = group["betas"]
-        backend.step(table, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                     decoupled=group["decoupled_weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"])
+        return ((group["lr"], beta1, beta2, group["eps"], group["weight_decay"]),
+                dict(decoupled=group["decoupled_weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"]))
 
     @staticmethod
     def compiled_launch(group: dict, params: list, fields: list[dict], backend: str) -> None:

@@ -9,7 +9,9 @@ without: its output is the logits) trained with the mean softmax cross-entropy,
 leaves there, computed by the same C++ kernels in one call (csrc/mlp.cpp): no autograd graph,
 no Python between the layers, and no allocation once a batch size has been seen (the layers'
 outputs and their gradients live in buffers kept per batch size). The optimizer step follows as
-usual, e.g. ``kernels.FusedAdam``'s (one call for all parameters).
+usual, e.g. ``kernels.FusedAdam``'s (one call for all parameters), or, with
+``MLPStep(layers, optimizer)``, inside the same call: the whole training step, then, is one
+native call.
 
 CPU tensors only (float32 or float64); ignore_index is -100, as F.cross_entropy's default. Any
 other model, loss or device takes the autograd path, for which the ops are drop-ins.
@@ -24,6 +26,7 @@ import torch
 from kernels._dispatch import SUPPORTED_DTYPES, check_tensor, dtype_names
 from kernels.cpu import mlp as cpu
 from kernels.ops.linear import FusedLinear
+from kernels.ops.param_table import FusedOptimizer
 
 OP = "MLPStep"
 
@@ -33,9 +36,19 @@ class MLPStep:
     target_all, index)`` for the rows ``index`` of a resident dataset (gathered into a kept
     buffer). Parameters may be replaced between calls (their addresses are read on every call);
     a ``.grad`` that is missing or not a contiguous tensor of the parameter's shape and dtype is
-    replaced by a new one, any other is overwritten in place."""
+    replaced by a new one, any other is overwritten in place.
 
-    def __init__(self, layers: Iterable[FusedLinear]) -> None:
+    ``optimizer``: a ``kernels.FusedAdam``, ``FusedAdamW`` or ``FusedSGD``; each call then also
+    makes its step, as ``optimizer.step()`` after the backward would, and where that step is one
+    C++ launch (one parameter group of CPU tensors of one dtype) inside the native call. That
+    update does not go through ``torch.optim.Optimizer.step``, so step hooks registered on the
+    optimizer do not run for it (pass no optimizer and call ``optimizer.step()`` to keep them)."""
+
+    def __init__(self, layers: Iterable[FusedLinear], optimizer: FusedOptimizer | None = None) -> None:
+        if optimizer is not None and not isinstance(optimizer, FusedOptimizer):
+            raise TypeError(f"{OP}: optimizer must be a kernels.FusedAdam, FusedAdamW or FusedSGD, "
+                            f"got {type(optimizer).__name__}")
+        self.optimizer = optimizer
         layers = list(layers)
         if not layers:
             raise ValueError(f"{OP}: needs at least one layer")
@@ -75,13 +88,25 @@ class MLPStep:
             raise ValueError(f"{OP}: target has {target.shape[0]} rows but input has {x.shape[0]}")
         x, target = x.contiguous(), target.contiguous()
         if index is None:
-            return cpu.step(x, target, self._layer_list(x.shape[0], dtype), self.activation)
-        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != torch.int64 or not index.is_cpu:
-            raise TypeError(f"{OP}: index must be a 1-D int64 CPU tensor of row numbers")
-        index = index.contiguous()
-        M = index.shape[0]
-        return cpu.step(x, target, self._layer_list(M, dtype), self.activation, index,
-                        *self._gather_buffers(M, x.shape[1], dtype))
+            gathered, M = (None, None, None), x.shape[0]
+        else:
+            if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != torch.int64 or not index.is_cpu:
+                raise TypeError(f"{OP}: index must be a 1-D int64 CPU tensor of row numbers")
+            index = index.contiguous()
+            M = index.shape[0]
+            gathered = (index, *self._gather_buffers(M, x.shape[1], dtype))
+        layers = self._layer_list(M, dtype)
+        if self.optimizer is None:
+            return cpu.step(x, target, layers, self.activation, *gathered)
+        native = self.optimizer.native_update()
+        if native is None:
+            loss = cpu.step(x, target, layers, self.activation, *gathered)
+            self.optimizer.step()
+            return loss
+        table, update = native
+        loss = cpu.step(x, target, layers, self.activation, *gathered, update)
+        table.launched()
+        return loss
 
     def _check_parameters(self) -> torch.dtype:
         """Checks the parameters and their gradients (see the class doc) and returns their dtype.

@@ -347,7 +347,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     rebuild it when it no longer describes the group, and launch the op's kernel on it.
 
     Subclasses set ``op`` (the kernels._dispatch op name) and define ``check_hyperparameters``,
-    ``table_options``, ``prepare_state``, ``launch`` and ``compiled_launch``. ``table_builds``
+    ``table_options``, ``prepare_state``, ``hyperparameters`` (a group's arguments of the
+    backend's ``step`` after the table) and ``compiled_launch``. ``table_builds``
     counts the tables built (full or gradients only) since the optimizer was created: a training
     loop that keeps its gradients in place builds one per group, once.
     """
@@ -381,7 +382,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         return the values of the layout's state fields: tensors, ints (flags) or None (absent)."""
         raise NotImplementedError
 
-    def launch(self, implementation, table, group: dict) -> None:
+    def hyperparameters(self, group: dict) -> tuple[tuple, dict]:
+        """(args, kwargs) of the backend's ``step(table, *args, **kwargs)`` for ``group``."""
         raise NotImplementedError
 
     def compiled_launch(self, group: dict, params: list, fields: list[dict], backend: str) -> None:
@@ -441,40 +443,66 @@ class FusedOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             self._compiled_step()
             return loss
-        tables = self._tables
         for index, group in enumerate(self.param_groups):
-            table = tables.get(index)
-            status = None if table is None else table.quick_status(self, group)
-            capturing = (table.cuda if table is not None else bool(group["params"]) and group["params"][0].is_cuda) \
-                and torch.cuda.is_current_stream_capturing()
-            if status != CURRENT:
-                if status is None or capturing:  # what changed, in words
-                    status, change = (STALE, "there was no table yet") if table is None else table.changes(self, group)
-                if capturing:
-                    raise RuntimeError(
-                        f"{type(self).__name__}: the tensor table of parameter group {index} would be rebuilt "
-                        f"during CUDA graph capture because {change}. A captured step must find every parameter, "
-                        "gradient and state where the eager steps before it left them: run at least one eager "
-                        "step before capturing, and keep gradients at fixed addresses (zero them in place with "
-                        "zero_grad(set_to_none=False), or use one flat gradient buffer as ffnn/step.py does)")
-                if status == STALE:
-                    table = tables[index] = GroupTable(self, index, group)
-                else:
-                    table.update_gradients(self, index)
-            if capturing:
-                if not group.get("capturable", False):
-                    raise RuntimeError(f"Attempting CUDA graph capture of step() for an instance of "
-                                       f"{type(self).__name__} but param_groups' capturable is False.")
-                kept = self._graph_tables
-                kept += [t for t in table.tables if not any(t is k for k in kept)]
+            table = self._table(index, group)
             if table.grad_copies:
                 with torch.no_grad():
                     for buffer, grad in table.grad_copies:
                         buffer.copy_(grad)
+            args, kwargs = self.hyperparameters(group)
             for backend_table in table.tables:
-                self.launch(table.implementation, backend_table, group)
+                table.implementation.step(backend_table, *args, **kwargs)
             table.launched()
         return loss
+
+    def native_update(self) -> tuple[GroupTable, tuple] | None:
+        """This optimizer's next step as one launch that C++ code runs itself (kernels.MLPStep
+        runs it right after its backward): after the table checks and rebuilds of ``step()``,
+        (table, (op, table address, rows, scalars, flags)), with the arguments of csrc/<op>.cpp's
+        step; call ``table.launched()`` once it ran. None where a step is more than one C++
+        launch (several groups or dtypes, gradients to copy first, tensors not on the CPU):
+        then call ``step()``."""
+        if len(self.param_groups) != 1 or torch.compiler.is_compiling():
+            return None
+        group = self.param_groups[0]
+        if not group["params"] or not group["params"][0].is_cpu or backend_for(group["params"][0]) != "cpu":
+            return None
+        table = self._table(0, group)
+        if len(table.tables) != 1 or table.grad_copies:
+            return None
+        args, kwargs = self.hyperparameters(group)
+        scalars, flags = table.implementation.update(*args, **kwargs)
+        backend_table = table.tables[0]
+        return table, (self.op, backend_table.address, backend_table.count, scalars, flags)
+
+    def _table(self, index: int, group: dict) -> GroupTable:
+        """The group's table, checked and, where it no longer describes the group, rebuilt (or
+        its rows made again for new gradients); under CUDA graph capture a rebuild raises."""
+        table = self._tables.get(index)
+        status = None if table is None else table.quick_status(self, group)
+        capturing = (table.cuda if table is not None else bool(group["params"]) and group["params"][0].is_cuda) \
+            and torch.cuda.is_current_stream_capturing()
+        if status != CURRENT:
+            if status is None or capturing:  # what changed, in words
+                status, change = (STALE, "there was no table yet") if table is None else table.changes(self, group)
+            if capturing:
+                raise RuntimeError(
+                    f"{type(self).__name__}: the tensor table of parameter group {index} would be rebuilt "
+                    f"during CUDA graph capture because {change}. A captured step must find every parameter, "
+                    "gradient and state where the eager steps before it left them: run at least one eager "
+                    "step before capturing, and keep gradients at fixed addresses (zero them in place with "
+                    "zero_grad(set_to_none=False), or use one flat gradient buffer as ffnn/step.py does)")
+            if status == STALE:
+                table = self._tables[index] = GroupTable(self, index, group)
+            else:
+                table.update_gradients(self, index)
+        if capturing:
+            if not group.get("capturable", False):
+                raise RuntimeError(f"Attempting CUDA graph capture of step() for an instance of "
+                                   f"{type(self).__name__} but param_groups' capturable is False.")
+            kept = self._graph_tables
+            kept += [t for t in table.tables if not any(t is k for k in kept)]
+        return table
 
     def _compiled_step(self) -> None:
         """The step as torch.compile traces it: states created in traced code, then one custom op

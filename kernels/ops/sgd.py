@@ -96,9 +96,9 @@ class FusedSGD(FusedOptimizer):
         return (group["momentum"] != 0,)
 
     @staticmethod
-    def launch(backend, table, group: dict) -> None:
-        backend.step(table, group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
-                     nesterov=group["nesterov"], maximize=group["maximize"])
+    def hyperparameters(group: dict) -> tuple[tuple, dict]:
+        return ((group["lr"], group["momentum"], group["dampening"], group["weight_decay"]),
+                dict(nesterov=group["nesterov"], maximize=group["maximize"]))
 
     @staticmethod
     def compiled_launch(group: dict, params: list, fields: list[dict], backend: str) -> None:
