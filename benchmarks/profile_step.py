@@ -3,8 +3,8 @@
 
 Prints, per step: the C++ kernels alone (called directly on kept buffers: the arithmetic), the
 optimizer step, the whole step through autograd (kernels.linear / cross_entropy and
-loss.backward(), what any model gets), the whole step through kernels.MLPStep (one native
-call), and PyTorch eager's step. The difference between a whole step and its kernels is the
+loss.backward(), what any model gets), the whole step through kernels.MLPStep with the
+optimizer inside (one native call, what ffnn runs), and PyTorch eager's step. The difference between a whole step and its kernels is the
 Python, autograd and allocation around them. Times are the minimum over repeats of the mean per
 step; with one thread they are the calling thread's CPU time (time.thread_time), which other
 processes on a shared machine barely move; with more threads, wall time.
@@ -66,7 +66,7 @@ def steps(clock) -> dict[str, float]:
     index = [torch.randint(0, ROWS, (BATCH,)) for _ in range(64)]
     times = {}
     for name, impl, native in (("step, autograd path (ours)", "fused", False),
-                               ("step, MLPStep (ours)", "fused", True),
+                               ("step, MLPStep with FusedAdam inside (ours)", "fused", True),
                                ("step, PyTorch eager + fused Adam", "torch", False)):
         model = build(impl, SIZES, seed=0)
         optimizer = make_optimizer(SimpleNamespace(lr=1e-3, weight_decay=None, impl=impl, optimizer="adam"),
@@ -78,7 +78,7 @@ def steps(clock) -> dict[str, float]:
         it = iter(range(10**9))
         times[name] = per_call(lambda: step(index[next(it) % len(index)]), clock)
         if impl == "fused" and native:
-            times["optimizer step (FusedAdam)"] = per_call(optimizer.step, clock)
+            times["optimizer step alone (FusedAdam.step())"] = per_call(optimizer.step, clock)
     return times
 
 
