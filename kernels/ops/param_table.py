@@ -125,10 +125,6 @@ def check_state_shape(where: str, key: str, value: torch.Tensor, param: torch.Te
 _grad_of, _shape_of, _data_ptr = attrgetter("grad"), attrgetter("shape"), torch.Tensor.data_ptr
 
 
-def _address(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def _alias(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
@@ -136,7 +132,8 @@ def _alias(t: torch.Tensor | None) -> torch.Tensor | None:
 class _Slot:
     """What a table knows of one parameter of its group."""
 
-    __slots__ = ("param", "address", "shape", "grad", "grad_address", "state", "tensors", "fields", "keep", "entry")
+    __slots__ = ("param", "address", "shape", "grad", "grad_address", "state", "tensors", "fields", "keep", "entry",
+                 "grad_form", "row_head", "row_tail")
 
     def __init__(self, param: torch.Tensor):
         self.param = param
@@ -226,26 +223,24 @@ class GroupTable:
 
     def _swap_gradients(self, grads: list) -> bool:
         """update_gradients in its common case (every step of a ``zero_grad(set_to_none=True)``
-        loop): the new gradients, like the old ones, are real dense tensors with their parameters'
-        strides, so each row as last made only takes its gradient's address, in one pass. False (nothing
-        done) for anything else, which the general path handles and reports."""
+        loop): the new gradients, like the old ones, are real dense tensors of their parameters'
+        dtype, shape, strides and device (``grad_form``), so each row as last made only takes its
+        gradient's address, in one pass. False (nothing done) for anything else, which the
+        general path handles and reports."""
         if self.grad_copies or self.first_steps:
             return False
         for slot, g in zip(self.row_slots, grads):
-            p = slot.param
-            if (slot.entry is None or g is None or g.dtype != p.dtype or g.shape != p.shape or g.stride() != p.stride() or g.is_sparse
-                    or g.is_complex() or not same_device(g, p)):
+            if (g is None or slot.entry is None or g.is_sparse
+                    or (g.dtype, g.shape, g.stride(), g.is_cpu, g.get_device()) != slot.grad_form):
                 return False
-        grad_field = self.layout.index("grad")
-        for slot, g in zip(self.row_slots, grads):
-            entry = slot.entry
-            slot.grad, slot.grad_address = g, g.data_ptr()
-            slot.entry = Entry(entry.row[:grad_field] + (slot.grad_address,) + entry.row[grad_field + 1:],
-                               {**entry.tensors, "grad": g})
+        addresses = list(map(_data_ptr, grads))
+        for slot, g, address in zip(self.row_slots, grads, addresses):
+            slot.grad, slot.grad_address = g, address
+            slot.entry = Entry(slot.row_head + (address,) + slot.row_tail, {**slot.entry.tensors, "grad": g})
         self.tables = [self.implementation.table([slot.entry for slot in slots], self.device)
                        for slots in self.table_slots]
         self.grads = [slot.grad for slot in self.slots]
-        self._remember(gradients_only=True)
+        self.row_grads, self.row_grad_addresses = grads, addresses
         return True
 
     def _set_grad(self, slot: _Slot, g: torch.Tensor, where) -> None:
@@ -288,6 +283,10 @@ class GroupTable:
                                            {**entry.tensors, "grad": g})
             else:
                 slot.entry = entry = make_entry(layout, p, g, slot.fields)
+            # what a new gradient must match for _swap_gradients to put its address in this row
+            slot.grad_form = None if p.is_complex() or g is not slot.grad else \
+                (p.dtype, p.shape, p.stride(), p.is_cpu, p.get_device())
+            slot.row_head, slot.row_tail = entry.row[:grad_field], entry.row[grad_field + 1:]
             self.first_steps |= bool(slot.fields.get("first_step"))
             buckets.setdefault(entry.tensors["param"].dtype, []).append(slot)
         self.table_slots = list(buckets.values())  # the slots of each table's rows, in order
@@ -306,13 +305,20 @@ class GroupTable:
         if gradients_only:
             return
         self.row_params = [s.param for s in rows]
+        self.remember_states()
         self.row_addresses = [s.address for s in rows]
         self.row_shapes = [s.shape for s in rows]
-        self.row_states = [s.state for s in rows]
         self.state_dicts = [s.state for s in rows for _ in s.tensors]
         self.state_names = [key for s in rows for key, _ in s.tensors]
         self.state_tensors = [t for s in rows for _, t in s.tensors]
         self.rowless_params = [s.param for s in self.slots if s.grad is None]
+
+    def remember_states(self) -> None:
+        """optimizer.state's keys and values in order, as they are now: compared object by object,
+        they stand for "every parameter's state is the dict it was" without hashing a parameter.
+        Taken again when states of other groups were added since (``changes`` found the table
+        current)."""
+        self.state_keys_seen, self.state_values_seen = list(self.state.keys()), list(self.state.values())
 
     def quick_status(self, optimizer: FusedOptimizer, group: dict) -> int | None:
         """CURRENT or GRADIENTS where ``changes`` would find that, else None (then ``changes`` says
@@ -323,12 +329,14 @@ class GroupTable:
                 and optimizer.state is self.state and optimizer.table_options(group) == self.options
                 and list(map(_data_ptr, params)) == self.row_addresses
                 and list(map(_shape_of, params)) == self.row_shapes
-                and all(map(is_, map(self.state.get, params), self.row_states))
+                and len(self.state) == len(self.state_keys_seen)
+                and all(map(is_, self.state.keys(), self.state_keys_seen))
+                and all(map(is_, self.state.values(), self.state_values_seen))
                 and all(map(is_, map(dict.get, self.state_dicts, self.state_names), self.state_tensors))
                 and all(g is None for g in map(_grad_of, self.rowless_params))):
             return None
         grads = list(map(_grad_of, params))
-        if all(map(is_, grads, self.row_grads)) and list(map(_address, grads)) == self.row_grad_addresses:
+        if all(map(is_, grads, self.row_grads)) and list(map(_data_ptr, grads)) == self.row_grad_addresses:
             return CURRENT
         return None if any(g is None for g in grads) else GRADIENTS
 
@@ -479,12 +487,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The group's table, checked and, where it no longer describes the group, rebuilt (or
         its rows made again for new gradients); under CUDA graph capture a rebuild raises."""
         table = self._tables.get(index)
-        status = None if table is None else table.quick_status(self, group)
         capturing = (table.cuda if table is not None else bool(group["params"]) and group["params"][0].is_cuda) \
             and torch.cuda.is_current_stream_capturing()
+        if table is None:
+            status, change = STALE, "there was no table yet"
+        else:
+            status = table.quick_status(self, group)
+            if status is None or (capturing and status != CURRENT):  # what changed, in words, if anything
+                status, change = table.changes(self, group)
+                if status == CURRENT:  # only the states of other groups' parameters came or went
+                    table.remember_states()
         if status != CURRENT:
-            if status is None or capturing:  # what changed, in words
-                status, change = (STALE, "there was no table yet") if table is None else table.changes(self, group)
             if capturing:
                 raise RuntimeError(
                     f"{type(self).__name__}: the tensor table of parameter group {index} would be rebuilt "
