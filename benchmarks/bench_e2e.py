@@ -145,13 +145,18 @@ def _busy_process():
 
 
 @contextlib.contextmanager
-def _threads(n: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
+def _setting(get, set_to, value):
+    """``set_to(value)`` inside the block, then back to what ``get()`` gave before it."""
+    previous = get()
+    set_to(value)
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        set_to(previous)
+
+
+def _threads(n: int):
+    return _setting(torch.get_num_threads, torch.set_num_threads, n)
 
 
 def _cpu_isa() -> str:
@@ -160,17 +165,11 @@ def _cpu_isa() -> str:
     return _C.isa()
 
 
-@contextlib.contextmanager
 def _isa(name: str):
     """The C++ kernels' build for instruction set ``name`` (an AVX2-only CPU's, on an AVX-512 one)."""
     from kernels import _C
 
-    previous = _C.isa()
-    _C.set_isa(name)
-    try:
-        yield
-    finally:
-        _C.set_isa(previous)
+    return _setting(_C.isa, _C.set_isa, name)
 
 
 def _datasets() -> list[str]:
