@@ -24,7 +24,7 @@ from operator import attrgetter, is_
 import torch
 
 from kernels._dispatch import SUPPORTED_DTYPES, check_tensor, dtype_names
-from kernels.cpu import mlp as cpu
+from kernels.cpu import address, mlp as cpu
 from kernels.ops.linear import FusedLinear
 from kernels.ops.param_table import FusedOptimizer
 
@@ -116,7 +116,7 @@ class MLPStep:
         grads = list(map(_grad_of, params))
         checked = self._checked
         if (checked is not None and all(map(is_, params, checked[0])) and all(map(is_, grads, checked[1]))
-                and list(map(_data_ptr, params)) == checked[2] and list(map(_address, grads)) == checked[3]):
+                and list(map(_data_ptr, params)) == checked[2] and list(map(address, grads)) == checked[3]):
             return params[0].dtype
         dtype = params[0].dtype
         for p in params:
@@ -161,10 +161,6 @@ class MLPStep:
 
 
 _grad_of, _data_ptr = attrgetter("grad"), torch.Tensor.data_ptr
-
-
-def _address(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor:

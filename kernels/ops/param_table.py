@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels._dispatch import SUPPORTED_DTYPES, backend_for, dtype_names, implementation, same_device
+from kernels._dispatch import SUPPORTED_DTYPES, backend_for, dtype_names, implementation
 
 # The fields of one table row, per optimizer (see the module docstring). "numel" is always last:
 # the C++ walker (csrc/param_table.h) reads it there.
@@ -140,6 +140,11 @@ class _Slot:
         self.grad = None  # the gradient (a tensor object) the rows were made with; None: no row
         self.entry = None  # its row as last made
 
+    def with_gradient(self, g: torch.Tensor, address: int) -> Entry:
+        """The row as last made with gradient ``g`` (a real tensor laid out like the parameter, at
+        ``address``) in place of the one it was made with: only its address and tensor change."""
+        return Entry(self.row_head + (address,) + self.row_tail, {**self.entry.tensors, "grad": g})
+
 
 class GroupTable:
     """The tables of one parameter group: one backend table per parameter dtype, built by the
@@ -233,14 +238,11 @@ class GroupTable:
             if (g is None or slot.entry is None or g.is_sparse
                     or (g.dtype, g.shape, g.stride(), g.is_cpu, g.get_device()) != slot.grad_form):
                 return False
-        addresses = list(map(_data_ptr, grads))
-        for slot, g, address in zip(self.row_slots, grads, addresses):
-            slot.grad, slot.grad_address = g, address
-            slot.entry = Entry(slot.row_head + (address,) + slot.row_tail, {**slot.entry.tensors, "grad": g})
+        for slot, g, address in zip(self.row_slots, grads, map(_data_ptr, grads)):
+            slot.grad, slot.grad_address, slot.entry = g, address, slot.with_gradient(g, address)
         self.tables = [self.implementation.table([slot.entry for slot in slots], self.device)
                        for slots in self.table_slots]
-        self.grads = [slot.grad for slot in self.slots]
-        self.row_grads, self.row_grad_addresses = grads, addresses
+        self._remember(gradients_only=True)
         return True
 
     def _set_grad(self, slot: _Slot, g: torch.Tensor, where) -> None:
@@ -278,9 +280,7 @@ class GroupTable:
                 g = buffer
             if gradients_only and slot.entry is not None:
                 g = real(g)
-                entry = slot.entry
-                slot.entry = entry = Entry(entry.row[:grad_field] + (g.data_ptr(),) + entry.row[grad_field + 1:],
-                                           {**entry.tensors, "grad": g})
+                slot.entry = entry = slot.with_gradient(g, g.data_ptr())
             else:
                 slot.entry = entry = make_entry(layout, p, g, slot.fields)
             # what a new gradient must match for _swap_gradients to put its address in this row
@@ -292,7 +292,6 @@ class GroupTable:
         self.table_slots = list(buckets.values())  # the slots of each table's rows, in order
         self.tables = [self.implementation.table([slot.entry for slot in slots], self.device)
                        for slots in self.table_slots]
-        self.grads = [slot.grad for slot in self.slots]  # keeps every gradient in the rows alive
         self._remember(gradients_only)
 
     def _remember(self, gradients_only: bool = False) -> None:
@@ -300,7 +299,7 @@ class GroupTable:
         state dict and gradient (object and address); its state tensors in one flat list; and the
         parameters without a row."""
         self.row_slots = rows = [s for s in self.slots if s.grad is not None]
-        self.row_grads = [s.grad for s in rows]
+        self.row_grads = [s.grad for s in rows]  # also keeps every gradient in the rows alive
         self.row_grad_addresses = [s.grad_address for s in rows]
         if gradients_only:
             return
@@ -473,10 +472,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if len(self.param_groups) != 1 or torch.compiler.is_compiling():
             return None
         group = self.param_groups[0]
-        if not group["params"] or not group["params"][0].is_cpu or backend_for(group["params"][0]) != "cpu":
-            return None
         table = self._table(0, group)
-        if len(table.tables) != 1 or table.grad_copies:
+        if table.backend != "cpu" or len(table.tables) != 1 or table.grad_copies:
             return None
         args, kwargs = self.hyperparameters(group)
         scalars, flags = table.implementation.update(*args, **kwargs)
