@@ -115,11 +115,9 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
     # A single process runs the whole step natively, the optimizer's included; several must
     # all-reduce the gradients between the backward and the optimizer.
     native = native_step(model, loss_fn, x_all, optimizer if world.size == 1 else None)
+    optimizer_inside = native is not None and native.optimizer is not None
 
     def step(idx: torch.Tensor) -> None:
-        if native is not None and native.optimizer is not None:
-            loss_sum.add_(native(x_all, y_all, idx).detach())
-            return
         if native is not None:  # sets the gradients: nothing to zero
             loss = native(x_all, y_all, idx)
         else:
@@ -129,7 +127,8 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
         if world.size > 1:
             grads.mul_(shard_weight)
             dist.all_reduce(grads)
-        optimizer.step()
+        if not optimizer_inside:
+            optimizer.step()
         loss_sum.add_(loss.detach())
 
     return step
