@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import OURS, Results
+from benchmarks.harness import OURS, Results, setting
 from ffnn import data as datasets
 from ffnn.errors import FFNNError
 from ffnn.evaluate import evaluate_model
@@ -144,19 +144,8 @@ def _busy_process():
         busy.wait()
 
 
-@contextlib.contextmanager
-def _setting(get, set_to, value):
-    """``set_to(value)`` inside the block, then back to what ``get()`` gave before it."""
-    previous = get()
-    set_to(value)
-    try:
-        yield
-    finally:
-        set_to(previous)
-
-
 def _threads(n: int):
-    return _setting(torch.get_num_threads, torch.set_num_threads, n)
+    return setting(torch.get_num_threads, torch.set_num_threads, n)
 
 
 def _cpu_isa() -> str:
@@ -169,7 +158,7 @@ def _isa(name: str):
     """The C++ kernels' build for instruction set ``name`` (an AVX2-only CPU's, on an AVX-512 one)."""
     from kernels import _C
 
-    return _setting(_C.isa, _C.set_isa, name)
+    return setting(_C.isa, _C.set_isa, name)
 
 
 def _datasets() -> list[str]:
@@ -225,8 +214,8 @@ def run(device: torch.device, quick: bool = False) -> Results:
         settings = [(f"{case}, 1 thread", _threads(1)), (f"{case}, beside one busy process", _busy_process())]
         if _cpu_isa() == "avx512":
             settings.append((f"{case}, AVX2 path", _isa("avx2")))
-        for case, setting in settings:
-            with setting:
+        for case, context in settings:
+            with context:
                 for impl_name, impl in (("resident eager + fused Adam", "torch"), (OURS, "fused")):
                     model, step, loss_sum = _resident(impl, data, device)
                     times = _resident_epochs(step, loss_sum, data, 2 if quick else 3, device)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import OURS, Results
+from benchmarks.harness import OURS, Results, setting
 import kernels
 
 MNIST_LAYERS = [(64, 784, 128), (64, 128, 64), (64, 64, 10)]
@@ -74,17 +74,11 @@ def run(device: torch.device, quick: bool = False) -> Results:
         variants = [(", 1 thread", 1, _C.isa())]
         if _C.isa() == "avx512":
             variants.append((f", AVX2 path, {torch.get_num_threads()} threads", torch.get_num_threads(), "avx2"))
-        threads, isa = torch.get_num_threads(), _C.isa()
-        try:
-            for suffix, n, variant_isa in variants:
-                torch.set_num_threads(n)
-                _C.set_isa(variant_isa)
+        for suffix, n, variant_isa in variants:
+            with setting(torch.get_num_threads, torch.set_num_threads, n), setting(_C.isa, _C.set_isa, variant_isa):
                 for backward in (False, True):
                     for M, K, N in MNIST_LAYERS + WIDE_LAYERS:
                         time_case(results, device, M, K, N, torch.float32, backward, eager, suffix)
-        finally:
-            torch.set_num_threads(threads)
-            _C.set_isa(isa)
     return results
 
 

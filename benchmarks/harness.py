@@ -8,6 +8,7 @@ and the thread count, all of which move the figures).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,18 @@ MIN_TIME = {"full": 0.5, "quick": 0.05}
 # --quick run's time): a --quick run records them as not timed.
 COMPILING_PEERS = ("torch.compile",)
 _mode = "full"
+
+
+@contextlib.contextmanager
+def setting(get: Callable[[], object], set_to: Callable[[object], object], value):
+    """``set_to(value)`` inside the block, then back to what ``get()`` gave before it (the thread
+    count, the C++ kernels' instruction set)."""
+    previous = get()
+    set_to(value)
+    try:
+        yield
+    finally:
+        set_to(previous)
 
 
 def set_quick(quick: bool) -> None:
