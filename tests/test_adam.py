@@ -179,14 +179,19 @@ def test_lr_scheduler(backend, schedule):
 
 
 def test_one_launch_per_group(backend, monkeypatch):
-    """Each group's step is one kernel call, whatever its number of tensors."""
-    module = kernels._dispatch.implementation("adam", backend.name)
+    check_one_launch_per_group(backend, monkeypatch, "adam", lambda groups: FusedAdam(groups, lr=LR), steps=2)
+
+
+def check_one_launch_per_group(backend, monkeypatch, op: str, make_opt, steps: int) -> None:
+    """Each group's step is one kernel call, whatever its number of tensors (FusedAdam's and
+    FusedSGD's tests call this)."""
+    module = kernels._dispatch.implementation(op, backend.name)
     calls = []
     launch = module.step
     monkeypatch.setattr(module, "step", lambda *a, **k: calls.append(1) or launch(*a, **k))
-    init, grads = make_problem(backend.device, steps=2)
+    init, grads = make_problem(backend.device, steps=steps)
     params = [p.clone().requires_grad_() for p in init]
-    opt = FusedAdam([{"params": params[:3]}, {"params": params[3:], "lr": 0.1}], lr=LR)
+    opt = make_opt([{"params": params[:3]}, {"params": params[3:], "lr": 0.1}])
     train(None, init, grads, params=params, opt=opt)
     assert len(calls) == 2 * len(grads)
 

@@ -6,7 +6,7 @@ import torch
 
 import kernels
 from kernels import FusedSGD
-from test_adam import HAS_CUDA, STEPS, check_state_dict_interchange, make_problem, train
+from test_adam import HAS_CUDA, STEPS, check_one_launch_per_group, check_state_dict_interchange, make_problem, train
 
 LR = 0.05
 
@@ -107,16 +107,8 @@ def test_lr_scheduler(backend, schedule):
 
 
 def test_one_launch_per_group(backend, monkeypatch):
-    """Each group's step is one kernel call, whatever its number of tensors."""
-    module = kernels._dispatch.implementation("sgd", backend.name)
-    calls = []
-    launch = module.step
-    monkeypatch.setattr(module, "step", lambda *a, **k: calls.append(1) or launch(*a, **k))
-    init, grads = make_problem(backend.device, steps=3)
-    params = [p.clone().requires_grad_() for p in init]
-    opt = FusedSGD([{"params": params[:3]}, {"params": params[3:], "lr": 0.1}], lr=LR, momentum=0.9)
-    train(None, init, grads, params=params, opt=opt)
-    assert len(calls) == 2 * len(grads)
+    check_one_launch_per_group(backend, monkeypatch, "sgd", lambda groups: FusedSGD(groups, lr=LR, momentum=0.9),
+                               steps=3)
 
 
 @pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
