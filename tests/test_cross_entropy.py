@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import weakref
 
 import pytest
 import torch

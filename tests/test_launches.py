@@ -4,7 +4,6 @@ a step, so a step launches only what it needs."""
 import collections
 import contextlib
 
-import pytest
 import torch
 
 import kernels
