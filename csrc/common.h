@@ -18,8 +18,11 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <functional>
+#include <memory>
+#include <new>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -200,6 +203,29 @@ KERNELS_INLINE void vstore_upto(T* p, Vec<T, VB> v, int64_t n) {
       default: return name##_portable(a...);                                                \
     }                                                                                       \
   }
+
+// ---------------------------------------------------------------------------------------
+// Scratch memory for packed operands, per thread and per slot (a kernel may hold one buffer of
+// each slot at a time). It grows to the largest request and is kept, so a kernel called step
+// after step neither allocates nor page-faults in the steady state; contents are undefined.
+enum class Scratch { panels = 0, block = 1, count = 2 };
+
+template <class T>
+T* scratch(Scratch slot, size_t count) {
+  struct Buffer {
+    std::unique_ptr<std::byte, decltype(&std::free)> data{nullptr, &std::free};
+    size_t bytes = 0;
+  };
+  thread_local Buffer buffers[int(Scratch::count)];
+  Buffer& buffer = buffers[int(slot)];
+  const size_t bytes = (std::max<size_t>(count, 1) * sizeof(T) + 63) / 64 * 64;
+  if (bytes > buffer.bytes) {
+    buffer.data.reset(static_cast<std::byte*>(std::aligned_alloc(64, bytes)));
+    if (!buffer.data) throw std::bad_alloc();
+    buffer.bytes = bytes;
+  }
+  return reinterpret_cast<T*>(buffer.data.get());
+}
 
 // ---------------------------------------------------------------------------------------
 // Threads: the Python layer passes torch.get_num_threads(); small work stays on one thread

@@ -14,8 +14,8 @@
 // * dx = dz W and dW = dz^T x: the output rows are contiguous along k like the rows of W and x,
 //   so the micro-kernel broadcasts dz entries against rows of W or x (outer-product form). dz is
 //   formed from dy and y while the broadcast operand is packed (each thread packs only its own
-//   rows or columns of it), and db is summed during the packing for dW. W or x is read in place,
-//   except where its rows alias in L1 or a ragged last tile needs zero padding.
+//   rows or columns of it, s-major), and db is summed during the packing for dW. W or x is read
+//   in place, except where its rows alias in L1 or a ragged last tile needs zero padding.
 #include "common.h"
 #include "entry_points.h"
 
@@ -190,13 +190,14 @@ KERNELS_INLINE void forward_block_impl(const T* x, const T* w, const T* b, T* y,
 KERNELS_MULTIVERSION(forward_block, forward_block_impl)
 
 // ---------------------------------------------------------------------------------------
-// Backward: C (R x K) = A (R x S) . B (S x K) with B's rows contiguous, for dx (A = dz,
-// B = W) and dW (A = dz^T, B = x). The micro-kernel broadcasts MR entries of A against NV
-// vectors of a row of B. A is packed per tile of MR rows, forming dz from dy and y on the way,
-// in whichever layout its source reads contiguously, so the packing is a vectorised pass:
-//   dx: rows of dz are rows of A: row-major panels, A(i, s) at panel[i * S + s];
-//   dW: rows of dz are columns of A: s-major panels, A(i, s) at panel[s * MR + i].
-// Rows past R are packed as zeros.
+// Backward: C (R x K) = A (R x S) . B (S x K) with B's rows contiguous, for dx (A = dz, B = W)
+// and dW (A = dz^T, B = x). The micro-kernel broadcasts MR entries of A against NV vectors of a
+// row of B. A is packed per tile of MR rows into s-major panels, A(i, s) at panel[s * MR + i],
+// so that a tile's MR entries for one s share a cache line whatever the source's row stride
+// (row-major panels of dz put MR rows 4 KiB apart into one L1 set at N = 1024); rows past R are
+// zeros. dz is formed from dy and y while it is packed (each thread packs only its own rows or
+// columns), and db is summed during the packing for dW. Panels and copied tiles of B live in
+// per-thread scratch memory (common.h), so a step allocates nothing.
 
 template <class T, int VB>
 struct OuterTile {
@@ -205,25 +206,66 @@ struct OuterTile {
   static constexpr int NV = VB == 64 ? 3 : 2;
 };
 
-// Reduction entries per pass over a C tile: keeps the panels of A and B in L1/L2 for large S.
-constexpr int64_t kReductionBlock = 256;
+// Reduction entries per pass over a C tile: the block of B it reads (kReductionBlock rows of
+// NV vectors, 24 KiB for float with AVX-512) stays in L1 while every tile of A streams past it.
+constexpr int64_t kReductionBlock = 128;
 
-// Element (i, s) of an MR-row tile of A.
-template <bool ROW_MAJOR, int MR, class T>
-KERNELS_INLINE T panel_at(const T* panel, int64_t S, int i, int64_t s) {
-  return ROW_MAJOR ? panel[i * S + s] : panel[s * MR + i];
+// Lane indices of one stage of an L x L transpose held as L row vectors: rows r and r + H
+// (r & H == 0) swap their off-diagonal blocks of H lanes. The stages H = L/2, ..., 1 together
+// transpose the square.
+template <class T, int VB, int H, bool SECOND, size_t... t>
+constexpr Vec<lane_index_t<T>, VB> block_swap_mask(std::index_sequence<t...>) {
+  constexpr int L = lanes<T, VB>;
+  return Vec<lane_index_t<T>, VB>{lane_index_t<T>(
+      SECOND ? (int(t) & H ? L + int(t) : int(t) + H) : (int(t) & H ? L + int(t) - H : int(t)))...};
 }
 
-// dx's tile: panel[i * S + s] = dz(m0 + i, s) for i < rows, zeros up to MR; dy, y point at row m0.
-template <Act A, int MR, class T>
-KERNELS_INLINE void pack_dz_rows(const T* dy, const T* y, int64_t S, int rows, T* panel) {
-  for (int i = 0; i < rows; ++i) {
-    const T* dyi = dy + i * S;
-    const T* yi = A == Act::none ? nullptr : y + i * S;
-    T* out = panel + i * S;
-    for (int64_t s = 0; s < S; ++s) out[s] = activation_grad<A, T>(dyi[s], A == Act::none ? T(0) : yi[s]);
+template <int H, class T, int VB>
+KERNELS_INLINE void transpose_square(Vec<T, VB>* v) {
+  if constexpr (H >= 1) {
+    constexpr auto first = block_swap_mask<T, VB, H, false>(std::make_index_sequence<lanes<T, VB>>{});
+    constexpr auto second = block_swap_mask<T, VB, H, true>(std::make_index_sequence<lanes<T, VB>>{});
+    for (int r = 0; r < lanes<T, VB>; ++r)
+      if (!(r & H)) {
+        const Vec<T, VB> a = v[r], b = v[r + H];
+        v[r] = __builtin_shuffle(a, b, first);
+        v[r + H] = __builtin_shuffle(a, b, second);
+      }
+    transpose_square<H / 2, T, VB>(v);
   }
-  std::fill(panel + rows * S, panel + MR * S, T(0));
+}
+
+// One tile of A from a row-major source: panel[s * MR + i] = dz(i, s) (see activation_grad; x
+// itself for Act::none) for i < rows, zeros up to MR, s < S, where dy and y have rows of ld
+// entries. With MR <= L, whole blocks of L columns are transposed in registers; the rest is
+// copied an entry at a time.
+template <Act A, int MR, int VB, class T>
+KERNELS_INLINE void pack_rows_tile(const T* dy, const T* y, int64_t ld, int64_t S, int rows, T* panel) {
+  using V = Vec<T, VB>;
+  constexpr int L = lanes<T, VB>;
+  int64_t s0 = 0;
+  if constexpr (MR <= L) {
+    for (; s0 + L <= S; s0 += L) {
+      V v[L] = {};
+      for (int i = 0; i < rows; ++i) {
+        const V d = vload<T, VB>(dy + i * ld + s0);
+        v[i] = A == Act::none ? d : activation_grad<A, T>(d, vload<T, VB>(y + i * ld + s0));
+      }
+      transpose_square<L / 2, T, VB>(v);
+      for (int c = 0; c < L; ++c) __builtin_memcpy(panel + (s0 + c) * MR, &v[c], MR * sizeof(T));
+    }
+  }
+  for (int64_t s = s0; s < S; ++s)
+    for (int i = 0; i < MR; ++i)
+      panel[s * MR + i] = i < rows ? activation_grad<A, T>(dy[i * ld + s], A == Act::none ? T(0) : y[i * ld + s]) : T(0);
+}
+
+// All R rows of the source, tile after tile.
+template <Act A, int MR, int VB, class T>
+KERNELS_INLINE void pack_rows(const T* dy, const T* y, int64_t ld, int64_t R, int64_t S, T* panels) {
+  for (int64_t r0 = 0; r0 < R; r0 += MR)
+    pack_rows_tile<A, MR, VB>(dy + r0 * ld, y ? y + r0 * ld : nullptr, ld, S, int(std::min<int64_t>(MR, R - r0)),
+                              panels + r0 * S);
 }
 
 // dW's tile: panel[s * MR + i] = dz(s, n0 + i) for s < M and i < rows (zeros up to MR), and
@@ -256,44 +298,43 @@ KERNELS_INLINE void pack_dz_columns(const T* dy, const T* y, int64_t M, int64_t 
 
 // c[i, 0..cols) (+)= sum_{s0 <= s < s0 + sc} A(i, s) * b[(s - s0) * ldb + 0..cols) for i < rows,
 // where cols <= NV * L and b holds NV full vectors per row.
-template <bool ROW_MAJOR, int MR, int NV, class T, int VB>
-KERNELS_INLINE void outer_tile(const T* panel, int64_t S, int64_t s0, int64_t sc, const T* b, int64_t ldb, T* c,
-                               int64_t ldc, int rows, int cols, bool accumulate) {
+template <int MR, int NV, class T, int VB>
+KERNELS_INLINE void outer_tile(const T* panel, int64_t s0, int64_t sc, const T* b, int64_t ldb, T* c, int64_t ldc,
+                               int rows, int cols, bool accumulate) {
   using V = Vec<T, VB>;
   constexpr int L = lanes<T, VB>;
+  if (accumulate)  // C's tile, evicted since the last pass, arrives while the loop runs
+    for (int i = 0; i < MR && i < rows; ++i)
+      for (int v = 0; v * L < cols; ++v) __builtin_prefetch(c + i * ldc + v * L, 1);
   V acc[MR][NV] = {};
   for (int64_t s = 0; s < sc; ++s) {
     V bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = vload<T, VB>(b + s * ldb + v * L);
     for (int i = 0; i < MR; ++i) {
-      const V a = vsplat<T, VB>(panel_at<ROW_MAJOR, MR>(panel, S, i, s0 + s));
+      const V a = vsplat<T, VB>(panel[(s0 + s) * MR + i]);
       for (int v = 0; v < NV; ++v) acc[i][v] += a * bv[v];
     }
   }
-  for (int i = 0; i < rows; ++i) {
+  for (int i = 0; i < MR && i < rows; ++i) {  // a constant bound: acc stays in registers
     T* ci = c + i * ldc;
-    if (cols == NV * L) {
-      for (int v = 0; v < NV; ++v) vstore<T, VB>(ci + v * L, accumulate ? vload<T, VB>(ci + v * L) + acc[i][v] : acc[i][v]);
-    } else {
-      T out[NV * L];
-      for (int v = 0; v < NV; ++v) vstore<T, VB>(out + v * L, acc[i][v]);
-      for (int j = 0; j < cols; ++j) ci[j] = accumulate ? ci[j] + out[j] : out[j];
+    for (int v = 0; v < NV; ++v) {
+      const int64_t n = cols - v * L;
+      vstore_upto<T, VB>(ci + v * L, accumulate ? vload_upto<T, VB>(ci + v * L, n, T(0)) + acc[i][v] : acc[i][v], n);
     }
   }
 }
 
 // outer_tile with nv <= NV vectors per row chosen at run time (the last column tile may be narrower).
-template <bool ROW_MAJOR, int MR, int NV, class T, int VB>
-KERNELS_INLINE void outer_tile_cols(int nv, const T* panel, int64_t S, int64_t s0, int64_t sc, const T* b, int64_t ldb,
-                                    T* c, int64_t ldc, int rows, int cols, bool accumulate) {
+template <int MR, int NV, class T, int VB>
+KERNELS_INLINE void outer_tile_cols(int nv, const T* panel, int64_t s0, int64_t sc, const T* b, int64_t ldb, T* c,
+                                    int64_t ldc, int rows, int cols, bool accumulate) {
   if constexpr (NV > 1)
-    if (nv < NV)
-      return outer_tile_cols<ROW_MAJOR, MR, NV - 1, T, VB>(nv, panel, S, s0, sc, b, ldb, c, ldc, rows, cols, accumulate);
-  outer_tile<ROW_MAJOR, MR, NV, T, VB>(panel, S, s0, sc, b, ldb, c, ldc, rows, cols, accumulate);
+    if (nv < NV) return outer_tile_cols<MR, NV - 1, T, VB>(nv, panel, s0, sc, b, ldb, c, ldc, rows, cols, accumulate);
+  outer_tile<MR, NV, T, VB>(panel, s0, sc, b, ldb, c, ldc, rows, cols, accumulate);
 }
 
 // Whether rows `stride` bytes apart fall into so few L1 sets (of 64-byte lines, 64 sets) that a
-// few hundred of them evict each other: the case for copying a tile of B before using it.
+// few hundred of them evict each other: the case for copying a block of B before using it.
 inline bool rows_alias_in_l1(int64_t stride) {
   if (stride % 64) return false;  // rows start at shifting offsets within lines
   int64_t a = stride / 64, b = 64;
@@ -301,42 +342,70 @@ inline bool rows_alias_in_l1(int64_t stride) {
   return 64 / a < 16;
 }
 
-// C (R x K, row stride K) = A . B, where `panels` holds A packed per MR rows (MR * S entries a
-// tile, laid out as ROW_MAJOR says). Column tiles of NV vectors outermost, each reused by every
-// row tile of A in blocks of at most kReductionBlock rows. A block is read in place, or copied
-// first into a contiguous buffer where its rows alias in L1 (K entries apart, e.g. K = 1024)
-// and where the ragged last tile needs zero padding to whole vectors.
-template <bool ROW_MAJOR, int VB, class T>
-KERNELS_INLINE void gemm_panels(const T* panels, int64_t S, const T* b, int64_t K, T* c, int64_t R) {
+// Fetches `rows` rows of `bytes` bytes, `stride` bytes apart, into L2 a few cache lines per
+// call: spread over the tiles computed from one block of B, it brings in the next block before
+// it is copied (the rows of W, 4 KiB apart for K = 1024, defeat the hardware prefetcher).
+class RowsPrefetch {
+ public:
+  RowsPrefetch(const void* base, int64_t rows, int64_t bytes, int64_t stride)
+      : base_(static_cast<const char*>(base)), stride_(stride), lines_per_row_((bytes + 63) / 64),
+        lines_(rows * lines_per_row_) {}
+  void next(int64_t count) {
+    for (; count > 0 && line_ < lines_; --count, ++line_) {
+      __builtin_prefetch(base_ + column_ * 64, 0, 2);
+      if (++column_ == lines_per_row_) {
+        column_ = 0;
+        base_ += stride_;
+      }
+    }
+  }
+  int64_t lines() const { return lines_; }
+
+ private:
+  const char* base_;
+  int64_t stride_, lines_per_row_, lines_, line_ = 0, column_ = 0;
+};
+
+// C (R x K) = A . B, where `panels` holds A packed per MR rows and B (S x K) and C have rows of
+// K entries. Blocks of kReductionBlock rows of B outermost, so that the panels' share of A
+// (R x kReductionBlock) stays in L2 across the column tiles; each tile of NV vectors of such a
+// block is reused by every row tile of A. A tile of B is read in place, or copied first into a
+// contiguous buffer where its rows alias in L1 (K entries apart, e.g. K = 1024) and where the
+// ragged last tile needs zero padding. Where C is revisited (S > kReductionBlock), the next tile
+// of B and each tile of C are prefetched.
+template <int VB, class T>
+KERNELS_INLINE void gemm_panels(const T* panels, int64_t R, int64_t S, const T* b, int64_t K, T* c) {
   constexpr int L = lanes<T, VB>;
   constexpr int MR = OuterTile<T, VB>::MR, NV = OuterTile<T, VB>::NV, KR = NV * L;
-  const bool pack = rows_alias_in_l1(K * int64_t(sizeof(T)));
-  std::vector<T> packed;  // only when some tile is copied: zeroing it is a pass of its own
-  if (pack || K % L) packed.resize(std::max<int64_t>(1, std::min(S, kReductionBlock)) * KR);
-  for (int64_t k0 = 0; k0 < K; k0 += KR) {
-    const int cols = int(std::min<int64_t>(KR, K - k0));
-    const int nv = (cols + L - 1) / L;
-    int64_t s0 = 0;
-    do {  // at least once: an empty reduction (S = 0) stores zeros
-      const int64_t sc = std::min(kReductionBlock, S - s0);
+  const bool copy_all = rows_alias_in_l1(K * int64_t(sizeof(T)));
+  T* const block = copy_all || K % L ? scratch<T>(Scratch::block, std::min(S, kReductionBlock) * KR) : nullptr;
+  const int64_t row_tiles = (R + MR - 1) / MR;
+  int64_t s0 = 0;
+  do {  // at least once: an empty reduction (S = 0) stores zeros
+    const int64_t sc = std::min(kReductionBlock, S - s0);
+    for (int64_t k0 = 0; k0 < K; k0 += KR) {
+      const int cols = int(std::min<int64_t>(KR, K - k0));
+      const int nv = (cols + L - 1) / L;
       const T* tile = b + s0 * K + k0;
       int64_t ld = K;
-      if (pack || cols % L) {
+      if (copy_all || cols % L) {
         for (int64_t s = 0; s < sc; ++s) {
-          T* row = &packed[s * nv * L];
-          std::memcpy(row, b + (s0 + s) * K + k0, cols * sizeof(T));
+          T* row = block + s * nv * L;
+          std::memcpy(row, tile + s * K, cols * sizeof(T));
           std::fill(row + cols, row + nv * L, T(0));
         }
-        tile = packed.data();
+        tile = block;
         ld = nv * L;
       }
-      for (int64_t r0 = 0; r0 < R; r0 += MR) {
-        const int rows = int(std::min<int64_t>(MR, R - r0));
-        outer_tile_cols<ROW_MAJOR, MR, NV, T, VB>(nv, panels + r0 * S, S, s0, sc, tile, ld, c + r0 * K + k0, K, rows,
-                                                  cols, s0 > 0);
-      }
-    } while ((s0 += kReductionBlock) < S);
-  }
+      const int64_t next_cols = std::max<int64_t>(0, std::min<int64_t>(KR, K - k0 - KR));
+      RowsPrefetch next_tile(b + s0 * K + k0 + KR, next_cols ? sc : 0, next_cols * int64_t(sizeof(T)),
+                             K * int64_t(sizeof(T)));
+      const int64_t lines_per_row_tile = S > kReductionBlock ? (next_tile.lines() + row_tiles - 1) / row_tiles : 0;
+      for (int64_t r0 = 0; r0 < R; r0 += MR, next_tile.next(lines_per_row_tile))
+        outer_tile_cols<MR, NV, T, VB>(nv, panels + r0 * S, s0, sc, tile, ld, c + r0 * K + k0, K,
+                                       int(std::min<int64_t>(MR, R - r0)), cols, s0 > 0);
+    }
+  } while ((s0 += kReductionBlock) < S);
 }
 
 // dx[m_begin, m_end) = dz W: packs those rows of dz in tiles of MR, then the GEMM against W.
@@ -345,12 +414,9 @@ KERNELS_INLINE void grad_input_impl(const T* dy, const T* y, const T* w, T* dx, 
                                     int64_t m_begin, int64_t m_end, std::integral_constant<Act, A>) {
   constexpr int MR = OuterTile<T, VB>::MR;
   const int64_t R = m_end - m_begin;
-  std::vector<T> panels((R + MR - 1) / MR * MR * N);
-  for (int64_t r0 = 0; r0 < R; r0 += MR) {
-    const int64_t at = (m_begin + r0) * N;
-    pack_dz_rows<A, MR>(dy + at, y ? y + at : nullptr, N, int(std::min<int64_t>(MR, R - r0)), panels.data() + r0 * N);
-  }
-  gemm_panels<true, VB>(panels.data(), N, w, K, dx + m_begin * K, R);
+  T* const panels = scratch<T>(Scratch::panels, (R + MR - 1) / MR * MR * N);
+  pack_rows<A, MR, VB>(dy + m_begin * N, y ? y + m_begin * N : nullptr, N, R, N, panels);
+  gemm_panels<VB>(panels, R, N, w, K, dx + m_begin * K);
 }
 KERNELS_MULTIVERSION(grad_input, grad_input_impl)
 
@@ -360,13 +426,13 @@ KERNELS_INLINE void grad_weight_impl(const T* dy, const T* y, const T* x, T* dw,
                                      int64_t K, int64_t n_begin, int64_t n_end, std::integral_constant<Act, A>) {
   constexpr int MR = OuterTile<T, VB>::MR;
   const int64_t R = n_end - n_begin;
-  std::vector<T> panels((R + MR - 1) / MR * MR * M);
+  T* const panels = scratch<T>(Scratch::panels, (R + MR - 1) / MR * MR * M);
   for (int64_t r0 = 0; r0 < R; r0 += MR) {
     const int64_t n0 = n_begin + r0;
-    pack_dz_columns<A, MR>(dy + n0, y ? y + n0 : nullptr, M, N, int(std::min<int64_t>(MR, R - r0)), panels.data() + r0 * M,
+    pack_dz_columns<A, MR>(dy + n0, y ? y + n0 : nullptr, M, N, int(std::min<int64_t>(MR, R - r0)), panels + r0 * M,
                            db ? db + n0 : nullptr);
   }
-  if (dw) gemm_panels<false, VB>(panels.data(), M, x, K, dw + n_begin * K, R);
+  if (dw) gemm_panels<VB>(panels, R, M, x, K, dw + n_begin * K);
 }
 KERNELS_MULTIVERSION(grad_weight, grad_weight_impl)
 
