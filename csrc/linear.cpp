@@ -24,7 +24,6 @@
 #include <cstring>
 #include <string>
 #include <utility>
-#include <vector>
 
 namespace kernels {
 namespace {
@@ -235,12 +234,11 @@ KERNELS_INLINE void transpose_square(Vec<T, VB>* v) {
   }
 }
 
-// One tile of A from a row-major source: panel[s * MR + i] = dz(i, s) (see activation_grad; x
-// itself for Act::none) for i < rows, zeros up to MR, s < S, where dy and y have rows of ld
-// entries. With MR <= L, whole blocks of L columns are transposed in registers; the rest is
-// copied an entry at a time.
+// dx's tile: panel[s * MR + i] = dz(m0 + i, s) for i < rows (zeros up to MR) and s < S; dy, y
+// point at row m0 and have rows of S. With MR <= L, whole blocks of L columns are transposed in
+// registers; the rest is copied an entry at a time.
 template <Act A, int MR, int VB, class T>
-KERNELS_INLINE void pack_rows_tile(const T* dy, const T* y, int64_t ld, int64_t S, int rows, T* panel) {
+KERNELS_INLINE void pack_dz_rows(const T* dy, const T* y, int64_t S, int rows, T* panel) {
   using V = Vec<T, VB>;
   constexpr int L = lanes<T, VB>;
   int64_t s0 = 0;
@@ -248,8 +246,8 @@ KERNELS_INLINE void pack_rows_tile(const T* dy, const T* y, int64_t ld, int64_t 
     for (; s0 + L <= S; s0 += L) {
       V v[L] = {};
       for (int i = 0; i < rows; ++i) {
-        const V d = vload<T, VB>(dy + i * ld + s0);
-        v[i] = A == Act::none ? d : activation_grad<A, T>(d, vload<T, VB>(y + i * ld + s0));
+        const V d = vload<T, VB>(dy + i * S + s0);
+        v[i] = A == Act::none ? d : activation_grad<A, T>(d, vload<T, VB>(y + i * S + s0));
       }
       transpose_square<L / 2, T, VB>(v);
       for (int c = 0; c < L; ++c) __builtin_memcpy(panel + (s0 + c) * MR, &v[c], MR * sizeof(T));
@@ -257,15 +255,7 @@ KERNELS_INLINE void pack_rows_tile(const T* dy, const T* y, int64_t ld, int64_t 
   }
   for (int64_t s = s0; s < S; ++s)
     for (int i = 0; i < MR; ++i)
-      panel[s * MR + i] = i < rows ? activation_grad<A, T>(dy[i * ld + s], A == Act::none ? T(0) : y[i * ld + s]) : T(0);
-}
-
-// All R rows of the source, tile after tile.
-template <Act A, int MR, int VB, class T>
-KERNELS_INLINE void pack_rows(const T* dy, const T* y, int64_t ld, int64_t R, int64_t S, T* panels) {
-  for (int64_t r0 = 0; r0 < R; r0 += MR)
-    pack_rows_tile<A, MR, VB>(dy + r0 * ld, y ? y + r0 * ld : nullptr, ld, S, int(std::min<int64_t>(MR, R - r0)),
-                              panels + r0 * S);
+      panel[s * MR + i] = i < rows ? activation_grad<A, T>(dy[i * S + s], A == Act::none ? T(0) : y[i * S + s]) : T(0);
 }
 
 // dW's tile: panel[s * MR + i] = dz(s, n0 + i) for s < M and i < rows (zeros up to MR), and
@@ -415,7 +405,10 @@ KERNELS_INLINE void grad_input_impl(const T* dy, const T* y, const T* w, T* dx, 
   constexpr int MR = OuterTile<T, VB>::MR;
   const int64_t R = m_end - m_begin;
   T* const panels = scratch<T>(Scratch::panels, (R + MR - 1) / MR * MR * N);
-  pack_rows<A, MR, VB>(dy + m_begin * N, y ? y + m_begin * N : nullptr, N, R, N, panels);
+  for (int64_t r0 = 0; r0 < R; r0 += MR) {
+    const int64_t at = (m_begin + r0) * N;
+    pack_dz_rows<A, MR, VB>(dy + at, y ? y + at : nullptr, N, int(std::min<int64_t>(MR, R - r0)), panels + r0 * N);
+  }
   gemm_panels<VB>(panels, R, N, w, K, dx + m_begin * K);
 }
 KERNELS_MULTIVERSION(grad_input, grad_input_impl)
