@@ -69,14 +69,13 @@ def graphed_step(opt: torch.optim.Optimizer):
     return step
 
 
-def time_overheads(results: Results, name: str, params: list[torch.Tensor], work: int) -> None:
-    """What the Python around the kernel costs: the step without torch.optim's step-hook wrapper
-    (which every Optimizer subclass gets, and which ours no longer bypasses), and the step of a
-    loop that hands it new gradient tensors every step (zero_grad(set_to_none=True)), whose
-    table rows are then made again."""
-    opt = FusedAdam(params, lr=1e-3)
-    results.time(name, f"{OURS}, without torch.optim's hook wrapper", lambda: FusedOptimizer.step(opt),
-                 work=work, unit="GB/s", scale=1e9)
+def overheads(make, params: list[torch.Tensor]) -> dict:
+    """What the Python around the kernel costs, as two more rows of an MNIST case (``make`` builds
+    our optimizer over ``params``): the step
+    without torch.optim's step-hook wrapper (which every Optimizer subclass gets, and which ours
+    does not bypass), and the step of a loop that hands it new gradient tensors every step
+    (zero_grad(set_to_none=True)), whose table rows are then made again."""
+    opt = make(params)
     grad_sets = [[p.grad.clone() for p in params] for _ in range(2)]
     calls = iter(range(1 << 62))
 
@@ -85,10 +84,8 @@ def time_overheads(results: Results, name: str, params: list[torch.Tensor], work
             p.grad = g
         opt.step()
 
-    results.time(name, f"{OURS}, new gradient tensors every step", step_with_new_gradients, work=work, unit="GB/s",
-                 scale=1e9)
-    for p, g in zip(params, grad_sets[0]):
-        p.grad = g
+    return {f"{OURS}, without torch.optim's hook wrapper": lambda: FusedOptimizer.step(opt),
+            f"{OURS}, new gradient tensors every step": step_with_new_gradients}
 
 
 def run(device: torch.device, quick: bool = False) -> Results:
@@ -100,16 +97,14 @@ def run(device: torch.device, quick: bool = False) -> Results:
             p.grad = torch.randn_like(p)
         work = BYTES_PER_PARAM[optimizer] * sum(p.numel() for p in params)
         name = f"{optimizer}, {case}"
-        for impl, make in IMPLS[optimizer].items():
-            opt = make(params)
-            results.time(name, impl, opt.step, work=work, unit="GB/s", scale=1e9)
-            del opt  # free its states before the next impl allocates its own
-        if optimizer == "Adam" and shapes is MNIST_SHAPES:
-            time_overheads(results, name, params, work)
+        impls = {impl: make(params).step for impl, make in IMPLS[optimizer].items()}
+        if shapes is MNIST_SHAPES:
+            impls.update(overheads(IMPLS[optimizer][OURS], params))
         if device.type == "cuda" and shapes is MNIST_SHAPES:
             opt = IMPLS[optimizer][OURS](params)
             opt.param_groups[0]["capturable"] = True
-            results.time(name, f"{OURS}, CUDA graph replay", graphed_step(opt), work=work, unit="GB/s", scale=1e9)
-            del opt
+            impls[f"{OURS}, CUDA graph replay"] = graphed_step(opt)
+        results.compare(name, impls, work=work, unit="GB/s", scale=1e9)
+        del impls  # and with them the optimizers' states
         del params
     return results

@@ -74,10 +74,10 @@ def run(device: torch.device, quick: bool = False) -> Results:
         }
         if liger is not None:
             impls["Liger-Kernel"] = _step(liger, logits, target)
-        for impl, fn in impls.items():
-            seconds = results.time(case, impl, fn, work=work, unit=unit, scale=1e9)
-            if seconds and copy_rate:
-                results.rows[-1].unit = f"GB/s ({work / seconds / copy_rate:.0%} of copy)"
+        results.compare(case, impls, work=work, unit=unit, scale=1e9)
+        for row in results.rows[-len(impls):]:
+            if row.seconds and copy_rate:
+                row.unit = f"GB/s ({work / row.seconds / copy_rate:.0%} of copy)"
         del logits, impls
         torch._dynamo.reset()  # one compiled graph per case, not an ever-growing cache
     return results

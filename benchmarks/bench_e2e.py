@@ -16,8 +16,11 @@ the default threads beside one competing busy process (a loaded machine: the thr
 degrade no worse than PyTorch's own), and on an AVX-512 machine with the C++ kernels' AVX2 build
 (how an AVX2-only CPU runs them).
 
-The time is the median over the epochs after the first (which includes compilation, autotuning
-and capture); the accuracy table below the timings gives the first epoch too.
+The resident loops of a case run their epochs in turns (eager's first epoch, compile's, ours,
+then the second of each, in an order that rotates), so that a machine whose speed drifts slows
+them alike. The time is the median over the epochs after the first (which includes compilation,
+autotuning and capture), and ``ours faster by`` the median over those epochs of the peer's epoch
+/ ours in the same turn; the accuracy table below the timings gives the first epoch too.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import OURS, Results, setting
+from benchmarks.harness import OURS, Results, error_note, setting
 from ffnn import data as datasets
 from ffnn.errors import FFNNError
 from ffnn.evaluate import evaluate_model
@@ -81,17 +84,28 @@ def _resident(impl: str, data: datasets.Data, device: torch.device, graph: bool 
     return model, step, loss_sum
 
 
-def _resident_epochs(step, loss_sum, data: datasets.Data, epochs: int, device: torch.device) -> list[float]:
+def _resident_epochs(step, loss_sum, data: datasets.Data, device: torch.device):
+    """The loop's epochs, one per ``next()``: yields each one's seconds (a generator, so that the
+    epochs of several implementations can take turns)."""
     generator = torch.Generator().manual_seed(SEED)
-    times = []
-    for _ in range(epochs):
+    while True:
         batches = datasets.epoch_batches(len(data.train_y), BATCH, generator, device)
         _sync(device)
         t0 = time.perf_counter()
         for idx in batches:
             step(idx)
         loss_sum.item()
-        times.append(time.perf_counter() - t0)
+        yield time.perf_counter() - t0
+
+
+def _interleaved(loops: dict[str, object], epochs: int) -> dict[str, list[float]]:
+    """Runs ``epochs`` epochs of each loop (from _resident_epochs), the loops taking turns epoch by
+    epoch in an order that rotates, so a machine whose speed drifts slows them alike."""
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    names = list(loops)
+    for e in range(epochs):
+        for name in names[e % len(names):] + names[:e % len(names)]:
+            times[name].append(next(loops[name]))
     return times
 
 
@@ -187,14 +201,33 @@ def run(device: torch.device, quick: bool = False) -> Results:
         steps = len(data.train_y) // BATCH
         case = f"{name}: epoch of {steps} steps x {BATCH}"
 
-        def record(impl: str, model, times: list[float], samples: int = steps * BATCH) -> None:
+        def record(impl: str, model, times: list[float], samples: int = steps * BATCH,
+                   ours: list[float] | None = None) -> None:
+            """One row: the median of the epochs after the first; with ``ours`` (our epochs, taken
+            in turns with these), the median over those epochs of this epoch's time / ours."""
             accuracy = evaluate_model(model, data.test_x, data.test_y, F.cross_entropy, len(data.classes)).accuracy
             warm = statistics.median(times[1:]) if len(times) > 1 else times[0]
-            results.add(case, impl, warm, work=samples, unit="samples/s")
+            speedup = None
+            if ours is not None and ours is not times and len(times) > 1:
+                speedup = statistics.median(t / mine for t, mine in zip(times[1:], ours[1:]))
+            results.add(case, impl, warm, work=samples, unit="samples/s", speedup=speedup)
             results.meta["runs"].append({"case": case, "impl": impl, "epochs": len(times), "first_epoch_s": times[0],
                                          "epoch_s": times, "test_accuracy": accuracy})
             print(f"  {case} | {impl}: epochs {', '.join(f'{t:.3f}' for t in times)} s, "
                   f"test accuracy {100 * accuracy:.2f}%", flush=True)
+
+        def run_interleaved(peers: list[tuple[str, str, bool, bool]], epochs: int) -> None:
+            """The resident loops of ``peers`` (name, impl, CUDA graph, compiled), epochs in turns."""
+            models, loops = {}, {}
+            for impl_name, impl, graph, compiled in peers:
+                try:
+                    model, step, loss_sum = _resident(impl, data, device, graph=graph, compiled=compiled)
+                    models[impl_name], loops[impl_name] = model, _resident_epochs(step, loss_sum, data, device)
+                except Exception as e:  # a peer that cannot run is a result, not a crash
+                    results.add(case, impl_name, None, note=error_note(e))
+            times = _interleaved(loops, epochs)
+            for impl_name, model in models.items():
+                record(impl_name, model, times[impl_name], ours=times.get(OURS))
 
         model, times = _tutorial(data, device, 1 if quick and not on_cuda else epochs)
         record("tutorial DataLoader loop", model, times, samples=len(data.train_y))
@@ -203,12 +236,7 @@ def run(device: torch.device, quick: bool = False) -> Results:
         if on_cuda:
             peers.append(("CUDA graph of torch ops", "torch", True, False))
         peers.append((OURS, "fused", on_cuda, False))
-        for impl_name, impl, graph, compiled in peers:
-            try:
-                model, step, loss_sum = _resident(impl, data, device, graph=graph, compiled=compiled)
-                record(impl_name, model, _resident_epochs(step, loss_sum, data, epochs, device))
-            except Exception as e:  # a peer that cannot run is a result, not a crash
-                results.add(case, impl_name, None, note=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
+        run_interleaved(peers, epochs)
         if on_cuda:
             continue
         settings = [(f"{case}, 1 thread", _threads(1)), (f"{case}, beside one busy process", _busy_process())]
@@ -216,8 +244,6 @@ def run(device: torch.device, quick: bool = False) -> Results:
             settings.append((f"{case}, AVX2 path", _isa("avx2")))
         for case, context in settings:
             with context:
-                for impl_name, impl in (("resident eager + fused Adam", "torch"), (OURS, "fused")):
-                    model, step, loss_sum = _resident(impl, data, device)
-                    times = _resident_epochs(step, loss_sum, data, 2 if quick else 3, device)
-                    record(impl_name, model, times)
+                run_interleaved([("resident eager + fused Adam", "torch", False, False), (OURS, "fused", False, False)],
+                                2 if quick else 3)
     return results

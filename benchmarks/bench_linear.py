@@ -92,8 +92,8 @@ def time_case(results: Results, device: torch.device, M: int, K: int, N: int, dt
     dtype_name = str(dtype).replace("torch.", "")
     case = f"{'fwd+bwd' if backward else 'fwd'} {dtype_name} {M}x{K}x{N}{suffix}"
     work = (6 if backward else 2) * M * N * K
-    for impl, fn in impls.items():
-        results.time(case, impl, timed(fn, x, w, b, backward), work=work, unit=unit, scale=scale)
+    results.compare(case, {impl: timed(fn, x, w, b, backward) for impl, fn in impls.items()}, work=work, unit=unit,
+                    scale=scale)
     del x, w, b, layer
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -5,12 +5,20 @@ Each benchmarks/bench_<op>.py defines ``run(device, quick) -> Results``: it time
 peers on the same inputs in the same process and records each as one row of a case. Every
 table names the machine it was measured on (on a CPU: model, cores, the C++ kernels' SIMD path
 and the thread count, all of which move the figures).
+
+The implementations of a case are timed interleaved (``Results.compare``): in rounds, each
+round timing every one of them for a short block, in an order that rotates from round to round.
+A machine whose speed drifts while a case runs (a shared host can change by 2x within minutes)
+then slows all of them alike. A row's time is the median of its rounds, and its ``ours faster
+by`` the median over the rounds of its time / ours in the same round: a ratio of two figures
+taken under the same conditions, which is what the tables are read for.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,6 +32,8 @@ SCRATCH_DIR = Path("runs") / "benchmarks"  # an ad-hoc run's tables
 OURS = "ours"
 # Seconds of timed calls per row: a full run, and a --quick one (a smoke run, figures rougher).
 MIN_TIME = {"full": 0.5, "quick": 0.05}
+# Rounds a case's implementations are timed in, interleaved (each round gets MIN_TIME / ROUNDS).
+ROUNDS = {"full": 10, "quick": 2}
 # Peers whose first call compiles (seconds to tens of seconds per case on a CPU, most of a
 # --quick run's time): a --quick run records them as not timed.
 COMPILING_PEERS = ("torch.compile",)
@@ -72,6 +82,9 @@ class Row:
     rate: float | None = None  # work per second in `unit`
     unit: str = ""
     note: str = ""
+    # Median over the rounds of (this row's time / ours) in the same round; None where not
+    # measured so (ours, a row timed alone, or a case without ours).
+    speedup: float | None = None
 
 
 @dataclass
@@ -97,24 +110,58 @@ class Results:
         self.meta.setdefault("date", datetime.date.today().isoformat())
 
     def add(self, case: str, impl: str, seconds: float | None, *, work: float | None = None,
-            unit: str = "", scale: float = 1.0, note: str = "") -> None:
-        """Record one timing; ``work`` (flops, bytes) per call gives a rate of work/seconds/scale in ``unit``."""
+            unit: str = "", scale: float = 1.0, note: str = "", speedup: float | None = None) -> None:
+        """Record one timing; ``work`` (flops, bytes) per call gives a rate of work/seconds/scale in
+        ``unit``; ``speedup`` is the row's median time / ours from interleaved rounds (``compare``)."""
         rate = work / seconds / scale if (work and seconds) else None
-        self.rows.append(Row(case, impl, seconds, rate, unit, note))
+        self.rows.append(Row(case, impl, seconds, rate, unit, note, speedup))
 
     def time(self, case: str, impl: str, fn: Callable[[], object], *, work: float | None = None,
              unit: str = "", scale: float = 1.0, min_time: float | None = None) -> float | None:
-        """Time ``fn`` and record it; an impl that raises is recorded as not run, with the error."""
-        if _mode == "quick" and impl in COMPILING_PEERS:
-            self.add(case, impl, None, note="not timed in a --quick run")
-            return None
-        try:
-            fn()  # compile / warm up before timing
-            seconds = bench(fn, torch.device(self.device), min_time=min_time)
-        except Exception as e:  # a peer that cannot run a case is a result, not a crash
-            self.add(case, impl, None, note=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
-            return None
-        self.add(case, impl, seconds, work=work, unit=unit, scale=scale)
+        """Time ``fn`` alone and record it (see ``compare``); returns its seconds, None if it raised."""
+        return self.compare(case, {impl: fn}, work=work, unit=unit, scale=scale, min_time=min_time)[impl]
+
+    def compare(self, case: str, impls: dict[str, Callable[[], object]], *, work: float | None = None,
+                unit: str = "", scale: float = 1.0, min_time: float | None = None) -> dict[str, float | None]:
+        """Time the implementations of ``case`` interleaved (the module docstring says how) and
+        record one row each, in the order given; returns their seconds. An impl that raises is
+        recorded as not run, with the error (a peer that cannot run a case is a result, not a crash)."""
+        mode_time = MIN_TIME[_mode] if min_time is None else min_time
+        rounds = ROUNDS[_mode]
+        device = torch.device(self.device)
+        runnable, notes = {}, {}
+        for impl, fn in impls.items():
+            if _mode == "quick" and impl in COMPILING_PEERS:
+                notes[impl] = "not timed in a --quick run"
+                continue
+            try:
+                fn()  # compile / warm up before timing
+                runnable[impl] = fn
+            except Exception as e:
+                notes[impl] = error_note(e)
+        times: dict[str, list[float]] = {impl: [] for impl in runnable}  # per round
+        for r in range(rounds):
+            names = list(times)
+            if not names:
+                break
+            for impl in names[r % len(names):] + names[:r % len(names)]:
+                try:
+                    times[impl].append(bench(runnable[impl], device, min_time=mode_time / rounds))
+                except Exception as e:  # failed after its warm-up call: still a result
+                    notes[impl] = error_note(e)
+                    del times[impl]
+        ours = times.get(OURS)
+        seconds = {}
+        for impl in impls:
+            if impl not in times:
+                self.add(case, impl, None, note=notes[impl])
+                seconds[impl] = None
+                continue
+            seconds[impl] = statistics.median(times[impl])
+            speedup = None
+            if ours is not None and impl != OURS:
+                speedup = statistics.median(peer / mine for peer, mine in zip(times[impl], ours))
+            self.add(case, impl, seconds[impl], work=work, unit=unit, scale=scale, speedup=speedup)
         return seconds
 
     def cases(self) -> list[str]:
@@ -130,7 +177,8 @@ class Results:
             "",
             f"{m['date']}, torch {m['torch']}" + (f", triton {m['triton']}" if "triton" in m else "")
             + f"; machine: {m['machine']}" + (" (a --quick run: rough figures)" if m.get("mode") == "quick" else "")
-            + f". Median time per {m.get('per', 'call')}; `ours faster by` = peer time / ours (above 1: ours is faster).",
+            + f". Median time per {m.get('per', 'call')}; `ours faster by` = peer time / ours (above 1: ours is faster), "
+            "the median of that ratio over rounds in which each implementation runs in turn.",
             "",
             "| case | impl | time | rate | ours faster by |",
             "|---|---|---:|---:|---:|",
@@ -140,7 +188,9 @@ class Results:
             for r in (r for r in self.rows if r.case == case):
                 t = _fmt_time(r.seconds) if r.seconds else f"n/a ({r.note})"
                 rate = f"{r.rate:,.2f} {r.unit}" if r.rate else ""
-                ratio = f"{r.seconds / mine.seconds:.2f}x" if (mine and mine.seconds and r.seconds and r is not mine) else ""
+                ratio = f"{r.speedup:.2f}x" if r.speedup else ""
+                if not ratio and mine and mine.seconds and r.seconds and r is not mine:
+                    ratio = f"{r.seconds / mine.seconds:.2f}x"
                 lines.append(f"| {case} | {r.impl} | {t} | {rate} | {ratio} |")
         return "\n".join(lines) + "\n"
 
@@ -183,6 +233,11 @@ class Results:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+def error_note(e: Exception) -> str:
+    """How a row that could not be timed says why: the exception's type and first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
 
 
 def _fmt_time(s: float) -> str:

@@ -733,6 +733,35 @@ def test_building_without_pybind11_says_what_to_install():
     assert "pip install pybind11" in result.stderr
 
 
+def test_benchmark_compare_interleaves_rounds_and_takes_the_median_ratio(monkeypatch):
+    """A case's implementations take turns round by round (each round in a rotated order); the
+    speedup of a peer is the median of its per-round ratios to ours, not the ratio of the medians
+    (which a drift between rounds would skew), and one that raises is a row saying why."""
+    from benchmarks import harness
+
+    per_round = {"ours": [1.0, 4.0, 2.0], "peer": [2.0, 2.0, 8.0]}  # ratios 2, 0.5, 4: median 2
+    calls = []
+
+    def fake_bench(fn, device, *, min_time=None):
+        calls.append(fn.__name__)
+        return per_round[fn.__name__][sum(c == fn.__name__ for c in calls) - 1]
+
+    def ours(): pass
+    def peer(): pass
+    def broken(): raise RuntimeError("cannot run this case\nsecond line")
+
+    monkeypatch.setattr(harness, "bench", fake_bench)
+    monkeypatch.setitem(harness.ROUNDS, "full", 3)
+    results = harness.Results("linear", "cpu")
+    seconds = results.compare("case", {"ours": ours, "broken": broken, "peer": peer}, work=8.0, unit="flop/s")
+    assert calls == ["ours", "peer", "peer", "ours", "ours", "peer"]
+    assert seconds == {"ours": 2.0, "broken": None, "peer": 2.0}
+    assert [r.impl for r in results.rows] == ["ours", "broken", "peer"]
+    assert results.rows[1].note == "RuntimeError: cannot run this case"
+    assert results.rows[2].speedup == 2.0 and results.rows[0].speedup is None
+    assert "| case | peer | 2.000 s | 4.00 flop/s | 2.00x |" in results.markdown()
+
+
 def test_benchmark_results_go_to_a_scratch_directory_unless_update(tmp_path, monkeypatch):
     from benchmarks import bench_adam, harness, run as bench_run
 
