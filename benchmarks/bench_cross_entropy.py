@@ -48,16 +48,20 @@ def _inplace_step(base, target):
     return step
 
 
-def run(device: torch.device, quick: bool = False) -> Results:
-    results = Results("cross_entropy", str(device))
-    unit = "GB/s"
+def _copy_rate(results: Results, device: torch.device) -> float | None:
+    """Times the roofline row (a copy of a large tensor) and returns its bytes per second."""
     copy_bytes = COPY_BYTES if device.type == "cuda" else COPY_BYTES // 4
     src = torch.empty(copy_bytes // 4, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    copy_s = results.time("device-to-device copy (roofline)", "torch copy_", lambda: dst.copy_(src),
-                          work=2 * copy_bytes, unit=unit, scale=1e9)
-    del src, dst
-    copy_rate = 2 * copy_bytes / copy_s if copy_s else None
+    seconds = results.time("device-to-device copy (roofline)", "torch copy_", lambda: dst.copy_(src),
+                           work=2 * copy_bytes, unit="GB/s", scale=1e9)
+    return 2 * copy_bytes / seconds if seconds else None
+
+
+def run(device: torch.device, quick: bool = False) -> Results:
+    results = Results("cross_entropy", str(device))
+    unit = "GB/s"
+    copy_rate = _copy_rate(results, device)
 
     cases = QUICK_CASES[device.type] if quick else (GPU_CASES if device.type == "cuda" else CPU_CASES)
     liger = _liger() if device.type == "cuda" else None
@@ -79,5 +83,5 @@ def run(device: torch.device, quick: bool = False) -> Results:
             if row.seconds and copy_rate:
                 row.unit = f"GB/s ({work / row.seconds / copy_rate:.0%} of copy)"
         del logits, impls
-        torch._dynamo.reset()  # one compiled graph per case, not an ever-growing cache
+        torch.compiler.reset()  # one compiled graph per case: 8 shapes on one function hit dynamo's recompile limit
     return results

@@ -11,10 +11,10 @@ Peers, all from the same initial weights:
 * ours: ffnn.train's step with FusedLinear, cross_entropy and FusedAdam (a CUDA graph on CUDA;
   on the CPU kernels.MLPStep, forward, loss and backward in one native call).
 
-On the CPU more cases time the resident eager loop and ours side by side: with one thread, with
-the default threads beside one competing busy process (a loaded machine: the thread pools must
-degrade no worse than PyTorch's own), and on an AVX-512 machine with the C++ kernels' AVX2 build
-(how an AVX2-only CPU runs them).
+On the CPU more cases time the resident eager loop and ours side by side: with one thread, and
+with the default threads beside one competing busy process (a loaded machine: the thread pools
+must degrade no worse than PyTorch's own). ``python -m benchmarks.run --isa avx2`` runs all of it
+as an AVX2-only CPU would.
 
 The resident loops of a case run their epochs in turns (eager's first epoch, compile's, ours,
 then the second of each, in an order that rotates), so that a machine whose speed drifts slows
@@ -162,19 +162,6 @@ def _threads(n: int):
     return setting(torch.get_num_threads, torch.set_num_threads, n)
 
 
-def _cpu_isa() -> str:
-    from kernels import _C
-
-    return _C.isa()
-
-
-def _isa(name: str):
-    """The C++ kernels' build for instruction set ``name`` (an AVX2-only CPU's, on an AVX-512 one)."""
-    from kernels import _C
-
-    return setting(_C.isa, _C.set_isa, name)
-
-
 def _datasets() -> list[str]:
     """fashion-mnist (Debian's dataset-fashion-mnist), and MNIST where its files are present."""
     present = []
@@ -239,10 +226,7 @@ def run(device: torch.device, quick: bool = False) -> Results:
         run_interleaved(peers, epochs)
         if on_cuda:
             continue
-        settings = [(f"{case}, 1 thread", _threads(1)), (f"{case}, beside one busy process", _busy_process())]
-        if _cpu_isa() == "avx512":
-            settings.append((f"{case}, AVX2 path", _isa("avx2")))
-        for case, context in settings:
+        for case, context in ((f"{case}, 1 thread", _threads(1)), (f"{case}, beside one busy process", _busy_process())):
             with context:
                 run_interleaved([("resident eager + fused Adam", "torch", False, False), (OURS, "fused", False, False)],
                                 2 if quick else 3)

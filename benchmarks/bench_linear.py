@@ -8,9 +8,8 @@ computed; gradients are reset to None between calls, as ``zero_grad`` does).
 GPU cases: bf16 4096^3 and 8192^3 (the latter not with --quick) forward, bf16 4096^3
 forward+backward, and the MNIST MLP's layers in fp32 (batch 64: 784->128, 128->64, 64->10).
 CPU cases: the MNIST layers, the wider tutorial network's (784->512, 512->128) and 512x1024x1024,
-forward and forward+backward; then the MLP layers again against eager PyTorch with one thread,
-and with the C++ kernels' AVX2 build on an AVX-512 machine (``kernels._C.set_isa("avx2")``, how
-an AVX2-only CPU such as AMD's EPYC runs them; PyTorch keeps its own best path).
+forward and forward+backward; then the MLP layers again against eager PyTorch with one thread.
+``python -m benchmarks.run --isa avx2`` runs all of it as an AVX2-only CPU would.
 """
 from __future__ import annotations
 
@@ -68,17 +67,11 @@ def run(device: torch.device, quick: bool = False) -> Results:
     for (M, K, N), dtype, backward in cases(device, quick):
         time_case(results, device, M, K, N, dtype, backward, peers(device, backward))
     if device.type == "cpu":
-        from kernels import _C
-
         eager = {OURS: lambda x, w, b: kernels.linear(x, w, b, "relu"), "torch eager": torch_eager}
-        variants = [(", 1 thread", 1, _C.isa())]
-        if _C.isa() == "avx512":
-            variants.append((f", AVX2 path, {torch.get_num_threads()} threads", torch.get_num_threads(), "avx2"))
-        for suffix, n, variant_isa in variants:
-            with setting(torch.get_num_threads, torch.set_num_threads, n), setting(_C.isa, _C.set_isa, variant_isa):
-                for backward in (False, True):
-                    for M, K, N in MNIST_LAYERS + WIDE_LAYERS:
-                        time_case(results, device, M, K, N, torch.float32, backward, eager, suffix)
+        with setting(torch.get_num_threads, torch.set_num_threads, 1):
+            for backward in (False, True):
+                for M, K, N in MNIST_LAYERS + WIDE_LAYERS:
+                    time_case(results, device, M, K, N, torch.float32, backward, eager, ", 1 thread")
     return results
 
 
@@ -95,5 +88,6 @@ def time_case(results: Results, device: torch.device, M: int, K: int, N: int, dt
     results.compare(case, {impl: timed(fn, x, w, b, backward) for impl, fn in impls.items()}, work=work, unit=unit,
                     scale=scale)
     del x, w, b, layer
+    torch.compiler.reset()  # one compiled graph per case: past 8 shapes dynamo would run torch_eager uncompiled
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -38,6 +38,7 @@ ROUNDS = {"full": 10, "quick": 2}
 # --quick run's time): a --quick run records them as not timed.
 COMPILING_PEERS = ("torch.compile",)
 _mode = "full"
+_variant = ""  # "avx2": an --isa run, whose tables are named <op>_cpu_avx2
 
 
 @contextlib.contextmanager
@@ -56,6 +57,12 @@ def set_quick(quick: bool) -> None:
     """Time every row of this process's benchmarks for ``MIN_TIME["quick"]`` seconds instead of the full time."""
     global _mode
     _mode = "quick" if quick else "full"
+
+
+def set_variant(name: str) -> None:
+    """Name this process's tables ``<op>_<device>_<name>`` (``benchmarks.run --isa``)."""
+    global _variant
+    _variant = name
 
 
 def bench(fn: Callable[[], object], device: torch.device, *, min_time: float | None = None) -> float:
@@ -100,6 +107,8 @@ class Results:
         self.meta.setdefault("machine", machine_summary())
         self.meta.setdefault("threads", torch.get_num_threads())
         self.meta.setdefault("mode", _mode)
+        if _variant:
+            self.meta.setdefault("variant", _variant)
         self.meta.setdefault("torch", torch.__version__)
         try:
             import triton
@@ -173,10 +182,12 @@ class Results:
     def markdown(self) -> str:
         m = self.meta
         lines = [
-            f"# {self.op} on {m['device_name']} ({self.device})",
+            f"# {self.op} on {m['device_name']} ({self.device}" + (f", {m['variant'].upper()} only" if m.get("variant") else "") + ")",
             "",
             f"{m['date']}, torch {m['torch']}" + (f", triton {m['triton']}" if "triton" in m else "")
             + f"; machine: {m['machine']}" + (" (a --quick run: rough figures)" if m.get("mode") == "quick" else "")
+            + (f"; an {m['variant'].upper()}-only CPU emulated: ours and PyTorch's kernels, MKL and oneDNN all held to "
+               f"{m['variant'].upper()} (`benchmarks.run --isa {m['variant']}`)" if m.get("variant") else "")
             + f". Median time per {m.get('per', 'call')}; `ours faster by` = peer time / ours (above 1: ours is faster), "
             "the median of that ratio over rounds in which each implementation runs in turn.",
             "",
@@ -196,7 +207,7 @@ class Results:
 
     def save(self, out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = out_dir / f"{self.op}_{torch.device(self.device).type}"
+        stem = out_dir / "_".join(filter(None, (self.op, torch.device(self.device).type, self.meta.get("variant"))))
         paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
         paths[0].write_text(json.dumps({"op": self.op, "device": self.device, "meta": self.meta,
                                         "rows": [asdict(r) for r in self.rows]}, indent=1))

@@ -1,15 +1,23 @@
-"""Run the benchmarks: ``python -m benchmarks.run [--ops linear,cross_entropy,adam,e2e] [--device cuda|cpu] [--quick] [--update]``.
+"""Run the benchmarks: ``python -m benchmarks.run [--ops linear,cross_entropy,adam,e2e] [--device cuda|cpu] [--isa avx2] [--quick] [--update]``.
 
 Prints each op's table and writes JSON, markdown and a plot per op: into runs/benchmarks/ (a
 scratch directory) by default, into the committed benchmarks/results/ only with --update, or
 wherever --out says. --quick, a smoke run, runs fewer and smaller cases, times each for less and
 leaves out the peers that must compile first (torch.compile), so its figures are rough and
 incomplete: it cannot --update.
+
+--isa avx2 measures, on a CPU with AVX-512, what a CPU with AVX2 only (AMD's EPYC before Zen 4,
+Intel's desktop parts) runs: the C++ kernels' AVX2 build, and PyTorch's own CPU kernels, MKL and
+oneDNN each limited to AVX2 through the variables of ``AVX2_ENVIRONMENT``. Those are read when
+the libraries load, so the run starts again in a new process with them set. Its tables are
+``<op>_cpu_avx2.*``.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,12 +26,15 @@ import torch
 from benchmarks import harness
 
 ALL_OPS = ("linear", "cross_entropy", "adam", "e2e")
+# PyTorch's own vectorised kernels (ATen), MKL's GEMMs and oneDNN's, each held to AVX2.
+AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     p.add_argument("--ops", default=",".join(ALL_OPS), help=f"comma-separated subset of {','.join(ALL_OPS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    p.add_argument("--isa", choices=("avx2",), help="run as an AVX2-only CPU would, ours and PyTorch alike (CPU only)")
     p.add_argument("--quick", action="store_true", help="fewer and smaller cases, shorter timing: a smoke run")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--update", action="store_true", help="write the committed tables in benchmarks/results/")
@@ -38,8 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(ops) - set(ALL_OPS))
     if unknown:
         p.error(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(ALL_OPS)}")
+    if args.isa and args.device != "cpu":
+        p.error("--isa chooses the CPU's instruction set: it needs --device cpu")
+    if args.isa and any(os.environ.get(k) != v for k, v in AVX2_ENVIRONMENT.items()):
+        command = [sys.executable, "-m", "benchmarks.run", *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.run(command, env={**os.environ, **AVX2_ENVIRONMENT}).returncode
     out = harness.RESULTS_DIR if args.update else Path(args.out or harness.SCRATCH_DIR)
 
+    if args.isa:
+        from kernels import _C
+
+        try:
+            _C.set_isa(args.isa)
+        except ValueError as e:
+            p.error(str(e))
+        harness.set_variant(args.isa)
     harness.set_quick(args.quick)
     for op in ops:
         module = importlib.import_module(f"benchmarks.bench_{op}")

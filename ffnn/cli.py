@@ -60,13 +60,15 @@ def cpu_model() -> str:
 
 
 def machine_summary() -> str:
-    """The CPU a figure was measured on: model, cores, the C++ kernels' SIMD path, threads."""
+    """The CPU a figure was measured on: model, cores, the SIMD path of the C++ kernels and of
+    PyTorch's own CPU kernels, threads."""
     try:
         from kernels import _C
 
         simd = f"SIMD {_C.isa()}"
     except ImportError:
         simd = "C++ kernels not built"
+    simd += f" (PyTorch {torch.backends.cpu.get_cpu_capability()})"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{cpu_model()}, {cores} cores, {simd}, {torch.get_num_threads()} threads"
 

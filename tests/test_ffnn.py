@@ -762,6 +762,48 @@ def test_benchmark_compare_interleaves_rounds_and_takes_the_median_ratio(monkeyp
     assert "| case | peer | 2.000 s | 4.00 flop/s | 2.00x |" in results.markdown()
 
 
+def test_benchmark_isa_avx2_runs_ours_and_pytorch_on_avx2_in_a_new_process(tmp_path, monkeypatch):
+    """--isa avx2 starts the run again with MKL, oneDNN and ATen held to AVX2 (they read that when
+    they load), and there the C++ kernels run their AVX2 build; its tables say so in their name."""
+    from benchmarks import bench_adam, harness, run as bench_run
+    from kernels import _C
+
+    if _C.isa() == "portable":
+        pytest.skip("this CPU has no AVX2")
+    started = []
+    monkeypatch.setattr(bench_run.subprocess, "run",
+                        lambda command, env: started.append((command, env)) or subprocess.CompletedProcess(command, 0))
+    for key in bench_run.AVX2_ENVIRONMENT:
+        monkeypatch.delenv(key, raising=False)
+    assert bench_run.main(["--ops", "adam", "--device", "cpu", "--isa", "avx2", "--quick"]) == 0
+    (command, env), = started
+    assert command[1:] == ["-m", "benchmarks.run", "--ops", "adam", "--device", "cpu", "--isa", "avx2", "--quick"]
+    assert all(env[k] == v for k, v in bench_run.AVX2_ENVIRONMENT.items())
+
+    seen = []  # what the child does, with the environment already set
+    for key, value in bench_run.AVX2_ENVIRONMENT.items():
+        monkeypatch.setenv(key, value)
+
+    def one_row(device, quick):
+        seen.append(_C.isa())
+        results = harness.Results("adam", str(device))
+        results.time("tiny", harness.OURS, lambda: None)
+        return results
+
+    best = _C.isa()
+    monkeypatch.setattr(bench_adam, "run", one_row)
+    monkeypatch.setattr(harness, "_variant", "")
+    monkeypatch.setattr(harness, "_mode", harness._mode)
+    try:
+        assert bench_run.main(["--ops", "adam", "--device", "cpu", "--isa", "avx2", "--quick",
+                               "--out", str(tmp_path)]) == 0
+    finally:
+        _C.set_isa(best)
+    assert seen == ["avx2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adam_cpu_avx2.json", "adam_cpu_avx2.md", "adam_cpu_avx2.png"]
+    assert "AVX2-only CPU emulated" in (tmp_path / "adam_cpu_avx2.md").read_text()
+
+
 def test_benchmark_results_go_to_a_scratch_directory_unless_update(tmp_path, monkeypatch):
     from benchmarks import bench_adam, harness, run as bench_run
 
