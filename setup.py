@@ -59,7 +59,7 @@ class BuildExt(build_ext):
 
 # -pthread: the kernels' thread pool (csrc/common.h); no OpenMP runtime beside PyTorch's.
 extra_compile_args = ["-O3", "-pthread", "-Wno-psabi", "-fno-math-errno"]
-extra_link_args = ["-pthread"]
+extra_link_args = ["-pthread", "-ldl"]  # -ldl: dl_iterate_phdr/dlopen find PyTorch's OpenMP runtime (csrc/common.h)
 if os.environ.get("KERNELS_NATIVE") == "1":  # opt-in for a local build tuned to this CPU
     extra_compile_args.append("-march=native")
 if os.environ.get("KERNELS_SANITIZE") == "1":  # AddressSanitizer, UBSan, libstdc++'s checks: see README

@@ -19,5 +19,13 @@ PYBIND11_MODULE(_C, m) {
                                     " (avx512, avx2 or portable)");
       },
       "Run the kernels' variant for this instruction set (at most what the CPU supports); for tests.");
+  kernels::HostTeam::watch_forks();
+  m.def("openmp_team", [] { return kernels::HostTeam::library(); },
+        "The OpenMP runtime (loaded by PyTorch) whose team runs the kernels called from Python, or '' when "
+        "there is none (then, and inside mlp_step, they run on the extension's own thread pool).");
+  m.def(
+      "set_openmp_team", [](bool on) { kernels::HostTeam::enabled().store(on); },
+      "Whether kernels called from Python run on PyTorch's OpenMP team (default True) or on the extension's own "
+      "thread pool; for tests and benchmarks.");
   for (auto& add_bindings : kernels::registry()) add_bindings(m);
 }

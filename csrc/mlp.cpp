@@ -83,6 +83,7 @@ int64_t mlp_step(const std::string& dtype, uintptr_t x, uintptr_t target, uintpt
                  uintptr_t x_batch, uintptr_t target_batch, uintptr_t loss, int64_t M,
                  const std::vector<int64_t>& layers, const std::string& activation, const Update& update,
                  int num_threads) {
+  const OwnPool own_pool;
   check_update(update);
   const int64_t count = int64_t(layers.size()) / kMlpLayerFields;
   auto field = [&](int64_t l, LayerField f) { return layers[l * kMlpLayerFields + f]; };

@@ -1,12 +1,17 @@
-"""Runs every tutorial example in full on this library and on plain PyTorch, one after the other,
-and prints the README's table of training time and result (the examples' own output is hidden).
+"""Runs every tutorial example in full on this library and on plain PyTorch, in turn, and prints
+the README's table of training time and result (the examples' own output is hidden).
 
-    python -m examples.measure --dataset fashion-mnist [--only mnist_mlp,mnist_nll]
+    python -m examples.measure --dataset fashion-mnist [--only mnist_mlp,mnist_nll] [--repeat 3]
+
+Each example runs --repeat times each way, the two ways taking turns (which one goes first
+alternates), so that a machine whose speed drifts slows both alike: the times are the medians and
+the speed-up is the median of the per-turn ratios.
 """
 import argparse
 import contextlib
 import importlib
 import io
+import statistics
 
 # example: (what it trains, whether it trains on --dataset, how its result reads)
 SYSTEMS = {
@@ -30,20 +35,27 @@ def main(argv=None) -> None:
     p.add_argument("--dataset", default="fashion-mnist", help="for the examples that train on images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", default=",".join(SYSTEMS), help="comma-separated examples (default: all)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each example each way, taking turns (default 3)")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     print("| tutorial system | command | training time: ours | plain PyTorch | speed-up | result: ours | plain PyTorch |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name in args.only.split(","):
         what, on_images, result = SYSTEMS[name]
         data = ["--dataset", args.dataset] if on_images else []
-        runs = {}
-        for impl in ("fused", "torch"):
-            with contextlib.redirect_stdout(io.StringIO()):
-                runs[impl] = importlib.import_module(f"examples.{name}").main(["--device", args.device, *data, "--impl", impl])
-        fused, plain = runs["fused"], runs["torch"]
+        runs = {"fused": [], "torch": []}
+        for turn in range(args.repeat):
+            for impl in ("fused", "torch") if turn % 2 == 0 else ("torch", "fused"):
+                with contextlib.redirect_stdout(io.StringIO()):
+                    runs[impl].append(importlib.import_module(f"examples.{name}").main(
+                        ["--device", args.device, *data, "--impl", impl]))
+        seconds = {impl: [r["seconds"] for r in done] for impl, done in runs.items()}
+        speedup = statistics.median(t / f for f, t in zip(seconds["fused"], seconds["torch"]))
         command = f"`python -m examples.{name}{''.join(' ' + a for a in data)}`"
-        print(f"| {what} | {command} | {fused['seconds']:.2f} s | {plain['seconds']:.2f} s | "
-              f"{plain['seconds'] / fused['seconds']:.2f}x | {result(fused)} | {result(plain)} |", flush=True)
+        print(f"| {what} | {command} | {statistics.median(seconds['fused']):.2f} s | "
+              f"{statistics.median(seconds['torch']):.2f} s | {speedup:.2f}x | {result(runs['fused'][0])} | "
+              f"{result(runs['torch'][0])} |", flush=True)
 
 
 if __name__ == "__main__":

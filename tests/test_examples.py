@@ -68,3 +68,24 @@ def test_example_prints_what_plain_pytorch_prints(name, tmp_path, capsys, monkey
     # The last line is the training time. A printed figure may differ in its last digit, and an
     # accuracy by one test image of the 320 (0.31 %); the figures themselves are compared above.
     torch.testing.assert_close(torch.tensor(fused_numbers), torch.tensor(torch_numbers), rtol=1e-3, atol=0.32)
+
+
+def test_measure_takes_turns_and_reports_the_median_ratio(capsys, monkeypatch):
+    """examples.measure runs each example --repeat times each way, alternating which goes first,
+    and prints the median times and the median of the per-turn ratios (not the ratio of medians)."""
+    from examples import measure
+
+    calls = []
+    seconds = {"fused": iter([1.0, 4.0, 2.0]), "torch": iter([2.0, 2.0, 8.0])}  # ratios 2, 0.5, 4
+
+    def fake_main(argv):
+        impl = argv[argv.index("--impl") + 1]
+        calls.append(impl)
+        return {"seconds": next(seconds[impl]), "output": 0.0255}
+
+    monkeypatch.setattr(importlib.import_module("examples.toy_sigmoid"), "main", fake_main)
+    measure.main(["--only", "toy_sigmoid", "--repeat", "3"])
+    assert calls == ["fused", "torch", "torch", "fused", "fused", "torch"]
+    row = capsys.readouterr().out.splitlines()[-1]
+    assert row == ("| 1-2-1 sigmoid, one sample, MSE, SGD lr 0.5, 500 steps | `python -m examples.toy_sigmoid` | "
+                   "2.00 s | 2.00 s | 2.00x | output 0.0255 (target 0) | output 0.0255 (target 0) |")
