@@ -526,9 +526,11 @@ struct OwnPool {
 };
 
 // Calls f(begin, end) on contiguous chunks of [0, n), one chunk per thread: on PyTorch's OpenMP
-// team where there is one (HostTeam), else on the ThreadPool above. On the team, member t runs
-// chunks t, t + members, ... (all of them if the runtime gave fewer members than asked), and the
-// first exception of any chunk is rethrown here once all have returned.
+// team where there is one (HostTeam), else on the ThreadPool above. On the team, as on the pool,
+// member t takes chunk t first (the same part of the data on the same core, call after call), then
+// any chunk nobody has taken, so a member the OS started late finds its chunk done rather than
+// holding the others up for its length; the first exception of any chunk is rethrown here once
+// all have returned.
 template <class F>
 void parallel_for(int64_t n, int num_threads, F&& f) {
   const int64_t chunks = std::min({n, int64_t(num_threads), ThreadPool::kMaxChunks});
@@ -537,18 +539,24 @@ void parallel_for(int64_t n, int num_threads, F&& f) {
     return;
   }
   if (const HostTeam* team = HostTeam::get()) {
+    constexpr int64_t kOnStack = 64;
+    std::atomic<bool> on_stack[kOnStack] = {};
+    std::unique_ptr<std::atomic<bool>[]> on_heap(chunks > kOnStack ? new std::atomic<bool>[chunks]() : nullptr);
     struct Job {
       std::remove_reference_t<F>* f;
       int64_t n, chunks;
       const HostTeam* team;
+      std::atomic<bool>* taken;
       std::atomic<bool> failed{false};
       std::exception_ptr error;
-    } job{&f, n, chunks, team};
+    } job{&f, n, chunks, team, on_heap ? on_heap.get() : on_stack};
     team->run(
         [](void* context) {
           Job& job = *static_cast<Job*>(context);
-          const int members = job.team->members();
-          for (int64_t c = job.team->member(); c < job.chunks; c += members) {
+          const int64_t home = job.team->member();
+          for (int64_t i = 0; i < job.chunks; ++i) {
+            const int64_t c = (home + i) % job.chunks;
+            if (job.taken[c].exchange(true, std::memory_order_acq_rel)) continue;
             try {
               (*job.f)(job.n * c / job.chunks, job.n * (c + 1) / job.chunks);
             } catch (...) {  // an exception must not leave an OpenMP region
