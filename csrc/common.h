@@ -433,7 +433,7 @@ class HostTeam {
  public:
   using Body = void (*)(void*);
 
-  // The team, or nullptr: no OpenMP runtime loaded, turned off (set_enabled), a forked child, or
+  // The team, or nullptr: no OpenMP runtime loaded, turned off (_C.set_openmp_team), a forked child, or
   // an OwnPool scope on this thread.
   static const HostTeam* get() {
     const HostTeam* team = found();
@@ -461,7 +461,6 @@ class HostTeam {
   // Calls body(context) on each of `threads` team members (the caller is member 0).
   void run(Body body, void* context, int threads) const { parallel_(body, context, unsigned(threads), 0); }
   int member() const { return thread_num_(); }
-  int members() const { return num_threads_(); }
 
  private:
   static const HostTeam* found() {
@@ -475,42 +474,36 @@ class HostTeam {
 
   static const HostTeam* find() {
 #if defined(__linux__)
-    std::string path;
+    std::vector<std::string> candidates;  // loaded libraries named like an OpenMP runtime
     dl_iterate_phdr(
         [](dl_phdr_info* info, size_t, void* out) -> int {
           const char* name = info->dlpi_name;
           const char* slash = name ? std::strrchr(name, '/') : nullptr;
           const char* base = slash ? slash + 1 : name;
-          if (base == nullptr) return 0;
-          for (const char* prefix : {"libgomp", "libiomp5", "libomp"})
-            if (std::strncmp(base, prefix, std::strlen(prefix)) == 0) {
-              *static_cast<std::string*>(out) = name;
-              return 1;
-            }
+          if (base != nullptr)
+            for (const char* prefix : {"libgomp", "libiomp5", "libomp"})
+              if (std::strncmp(base, prefix, std::strlen(prefix)) == 0)
+                static_cast<std::vector<std::string>*>(out)->push_back(name);
           return 0;
         },
-        &path);
-    void* handle = path.empty() ? nullptr : dlopen(path.c_str(), RTLD_LAZY | RTLD_NOLOAD);
-    if (handle == nullptr) return nullptr;
-    auto* team = new HostTeam;  // never freed: the runtime stays loaded as long as torch is
-    team->path_ = path;
-    team->parallel_ = reinterpret_cast<decltype(parallel_)>(dlsym(handle, "GOMP_parallel"));
-    team->thread_num_ = reinterpret_cast<decltype(thread_num_)>(dlsym(handle, "omp_get_thread_num"));
-    team->num_threads_ = reinterpret_cast<decltype(num_threads_)>(dlsym(handle, "omp_get_num_threads"));
-    if (!team->parallel_ || !team->thread_num_ || !team->num_threads_) {
-      delete team;
-      return nullptr;
+        &candidates);
+    for (const std::string& path : candidates) {
+      void* handle = dlopen(path.c_str(), RTLD_LAZY | RTLD_NOLOAD);
+      if (handle == nullptr) continue;
+      HostTeam team;
+      team.path_ = path;
+      team.parallel_ = reinterpret_cast<decltype(parallel_)>(dlsym(handle, "GOMP_parallel"));
+      team.thread_num_ = reinterpret_cast<decltype(thread_num_)>(dlsym(handle, "omp_get_thread_num"));
+      if (team.parallel_ && team.thread_num_)
+        return new HostTeam(team);  // never freed: the runtime stays loaded as long as torch is
     }
-    return team;
-#else
-    return nullptr;
 #endif
+    return nullptr;
   }
 
   std::string path_;
   void (*parallel_)(Body, void*, unsigned, unsigned) = nullptr;
   int (*thread_num_)() = nullptr;
-  int (*num_threads_)() = nullptr;
 };
 
 // While alive, parallel_for on this thread runs on the extension's ThreadPool rather than
