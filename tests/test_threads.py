@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -102,3 +103,30 @@ def _threads(n: int):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def test_python_threads_calling_at_once_each_get_their_answer(team):
+    """Several Python threads in the kernels at once (the GIL is released inside them): on
+    PyTorch's team each caller leads a team of its own; on the pool, a call that finds it busy
+    runs on its own thread. Either way every caller gets its own, correct result."""
+    torch.manual_seed(0)
+    inputs = [(torch.randn(256, 512), torch.randn(384, 512), torch.randn(384)) for _ in range(4)]
+    expected = [F.relu(F.linear(x, w, b)) for x, w, b in inputs]
+    results, errors = [None] * len(inputs), []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                results[i] = kernels.linear(*inputs[i], "relu")
+        except Exception as e:  # reported below: a thread's exception would otherwise be lost
+            errors.append(e)
+
+    with _threads(2):
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(timeout=120)
+    assert not errors and not any(t.is_alive() for t in workers)
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
