@@ -71,10 +71,10 @@ def graphed_step(opt: torch.optim.Optimizer):
 
 def overheads(make, params: list[torch.Tensor]) -> dict:
     """What the Python around the kernel costs, as two more rows of an MNIST case (``make`` builds
-    our optimizer over ``params``): the step
-    without torch.optim's step-hook wrapper (which every Optimizer subclass gets, and which ours
-    does not bypass), and the step of a loop that hands it new gradient tensors every step
-    (zero_grad(set_to_none=True)), whose table rows are then made again."""
+    our optimizer over ``params``): the step without torch.optim's step-hook wrapper (which every
+    Optimizer subclass gets, and which ours does not bypass), and the step of a loop that hands it
+    new gradient tensors every step (zero_grad(set_to_none=True)), whose table rows are then made
+    again."""
     opt = make(params)
     grad_sets = [[p.grad.clone() for p in params] for _ in range(2)]
     calls = iter(range(1 << 62))

@@ -34,7 +34,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import OURS, Results, error_note, setting
+from benchmarks.harness import OURS, Results, error_note, in_turn, setting
 from ffnn import data as datasets
 from ffnn.errors import FFNNError
 from ffnn.evaluate import evaluate_model
@@ -102,9 +102,8 @@ def _interleaved(loops: dict[str, object], epochs: int) -> dict[str, list[float]
     """Runs ``epochs`` epochs of each loop (from _resident_epochs), the loops taking turns epoch by
     epoch in an order that rotates, so a machine whose speed drifts slows them alike."""
     times: dict[str, list[float]] = {name: [] for name in loops}
-    names = list(loops)
     for e in range(epochs):
-        for name in names[e % len(names):] + names[:e % len(names)]:
+        for name in in_turn(list(loops), e):
             times[name].append(next(loops[name]))
     return times
 

@@ -121,7 +121,7 @@ class Results:
     def add(self, case: str, impl: str, seconds: float | None, *, work: float | None = None,
             unit: str = "", scale: float = 1.0, note: str = "", speedup: float | None = None) -> None:
         """Record one timing; ``work`` (flops, bytes) per call gives a rate of work/seconds/scale in
-        ``unit``; ``speedup`` is the row's median time / ours from interleaved rounds (``compare``)."""
+        ``unit``; ``speedup`` is the median over interleaved rounds of its time / ours (``compare``)."""
         rate = work / seconds / scale if (work and seconds) else None
         self.rows.append(Row(case, impl, seconds, rate, unit, note, speedup))
 
@@ -150,10 +150,9 @@ class Results:
                 notes[impl] = error_note(e)
         times: dict[str, list[float]] = {impl: [] for impl in runnable}  # per round
         for r in range(rounds):
-            names = list(times)
-            if not names:
+            if not times:
                 break
-            for impl in names[r % len(names):] + names[:r % len(names)]:
+            for impl in in_turn(list(times), r):
                 try:
                     times[impl].append(bench(runnable[impl], device, min_time=mode_time / rounds))
                 except Exception as e:  # failed after its warm-up call: still a result
@@ -244,6 +243,11 @@ class Results:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
+
+
+def in_turn(names: list, turn: int) -> list:
+    """``names`` in the order of round ``turn`` when each round starts one later than the last."""
+    return names[turn % len(names):] + names[:turn % len(names)]
 
 
 def error_note(e: Exception) -> str:

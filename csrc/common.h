@@ -532,17 +532,14 @@ void parallel_for(int64_t n, int num_threads, F&& f) {
     return;
   }
   if (const HostTeam* team = HostTeam::get()) {
-    constexpr int64_t kOnStack = 64;
-    std::atomic<bool> on_stack[kOnStack] = {};
-    std::unique_ptr<std::atomic<bool>[]> on_heap(chunks > kOnStack ? new std::atomic<bool>[chunks]() : nullptr);
     struct Job {
       std::remove_reference_t<F>* f;
       int64_t n, chunks;
       const HostTeam* team;
-      std::atomic<bool>* taken;
       std::atomic<bool> failed{false};
       std::exception_ptr error;
-    } job{&f, n, chunks, team, on_heap ? on_heap.get() : on_stack};
+      std::atomic<bool> taken[ThreadPool::kMaxChunks];  // value-initialized: all false
+    } job{&f, n, chunks, team};
     team->run(
         [](void* context) {
           Job& job = *static_cast<Job*>(context);
