@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import re
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ ROUNDS = {"full": 10, "quick": 2}
 # --quick run's time): a --quick run records them as not timed.
 COMPILING_PEERS = ("torch.compile",)
 _mode = "full"
-_variant = ""  # "avx2": an --isa run, whose tables are named <op>_cpu_avx2
+_variant = ""  # "avx2": an --isa run, whose tables are named <op>_cpu_<machine>_as-avx2
 
 
 @contextlib.contextmanager
@@ -60,7 +61,8 @@ def set_quick(quick: bool) -> None:
 
 
 def set_variant(name: str) -> None:
-    """Name this process's tables ``<op>_<device>_<name>`` (``benchmarks.run --isa``)."""
+    """Mark this process's tables as run with the instruction set ``name`` (``benchmarks.run --isa``):
+    named ``<op>_cpu_<machine>_as-<name>``."""
     global _variant
     _variant = name
 
@@ -94,6 +96,16 @@ class Row:
     speedup: float | None = None
 
 
+def cpu_tag() -> str:
+    """What this CPU's tables are filed under, so that figures from different machines sit side by
+    side: the brand in its model name and its best SIMD path (``xeon-avx512``, ``epyc-avx2``)."""
+    from kernels import _C
+
+    words = re.sub(r"\((R|TM)\)", " ", cpu_model(), flags=re.IGNORECASE).lower().split()
+    brand = next((w for w in words if w not in ("intel", "amd", "genuineintel", "authenticamd")), "cpu")
+    return f"{re.sub(r'[^a-z0-9]+', '', brand) or 'cpu'}-{_C.supported_isa()}"
+
+
 @dataclass
 class Results:
     op: str
@@ -107,6 +119,8 @@ class Results:
         self.meta.setdefault("machine", machine_summary())
         self.meta.setdefault("threads", torch.get_num_threads())
         self.meta.setdefault("mode", _mode)
+        if dev.type == "cpu":
+            self.meta.setdefault("machine_tag", cpu_tag())
         if _variant:
             self.meta.setdefault("variant", _variant)
         self.meta.setdefault("torch", torch.__version__)
@@ -206,7 +220,9 @@ class Results:
 
     def save(self, out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
-        stem = out_dir / "_".join(filter(None, (self.op, torch.device(self.device).type, self.meta.get("variant"))))
+        variant = self.meta.get("variant")
+        stem = out_dir / "_".join(filter(None, (self.op, torch.device(self.device).type, self.meta.get("machine_tag"),
+                                                variant and f"as-{variant}")))
         paths = [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")]
         paths[0].write_text(json.dumps({"op": self.op, "device": self.device, "meta": self.meta,
                                         "rows": [asdict(r) for r in self.rows]}, indent=1))

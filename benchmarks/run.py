@@ -9,8 +9,11 @@ incomplete: it cannot --update.
 --isa avx2 measures, on a CPU with AVX-512, what a CPU with AVX2 only (AMD's EPYC before Zen 4,
 Intel's desktop parts) runs: the C++ kernels' AVX2 build, and PyTorch's own CPU kernels, MKL and
 oneDNN each limited to AVX2 through the variables of ``AVX2_ENVIRONMENT``. Those are read when
-the libraries load, so the run starts again in a new process with them set. Its tables are
-``<op>_cpu_avx2.*``.
+the libraries load, so the run starts again in a new process with them set.
+
+A CPU's tables are named after the machine (``harness.cpu_tag``): ``<op>_cpu_<brand>-<SIMD>.*``,
+``linear_cpu_epyc-avx512.md`` say, and an --isa run's ``<op>_cpu_<brand>-<SIMD>_as-avx2.*``, so
+that the figures of each machine the project is measured on sit side by side.
 """
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "C++ CPU kernels of the kernels library (no libtorch; tensors cross as addresses)";
   m.def("isa", [] { return kernels::isa_name(kernels::current_isa()); },
         "The SIMD instruction set the kernels use on this CPU: avx512, avx2 or portable.");
+  m.def("supported_isa", [] { return kernels::isa_name(kernels::supported_isa()); },
+        "The best SIMD instruction set this CPU supports: what isa() gives unless set_isa lowered it.");
   m.def(
       "set_isa",
       [](const std::string& name) {

@@ -49,14 +49,24 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def cpu_model() -> str:
+    """The CPU's model name, with its family and model numbers where the kernel reports them
+    (a virtual machine's name can be as bare as "AMD EPYC", which spans Zen 1 to Zen 5)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if not key.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def machine_summary() -> str:

@@ -800,8 +800,29 @@ def test_benchmark_isa_avx2_runs_ours_and_pytorch_on_avx2_in_a_new_process(tmp_p
     finally:
         _C.set_isa(best)
     assert seen == ["avx2"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adam_cpu_avx2.json", "adam_cpu_avx2.md", "adam_cpu_avx2.png"]
-    assert "AVX2-only CPU emulated" in (tmp_path / "adam_cpu_avx2.md").read_text()
+    stem = f"adam_cpu_{harness.cpu_tag()}_as-avx2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.json", f"{stem}.md", f"{stem}.png"]
+    assert "AVX2-only CPU emulated" in (tmp_path / f"{stem}.md").read_text()
+
+
+@pytest.mark.parametrize("model, brand", [
+    ("Intel(R) Xeon(R) Processor (family 6, model 143)", "xeon"),
+    ("AMD EPYC (family 26, model 2)", "epyc"),
+    ("AMD Ryzen 9 7950X 16-Core Processor", "ryzen"),
+    ("Intel(R) Core(TM) i7-1165G7 @ 2.80GHz", "core"),
+])
+def test_cpu_tables_are_filed_under_the_cpu_brand_and_its_best_simd_path(monkeypatch, model, brand):
+    from benchmarks import harness
+    from kernels import _C
+
+    monkeypatch.setattr(harness, "cpu_model", lambda: model)
+    best = _C.isa()
+    try:
+        _C.set_isa("portable")  # an --isa run lowers the kernels' path, not the machine's name
+        assert _C.supported_isa() == best
+        assert harness.cpu_tag() == f"{brand}-{best}"
+    finally:
+        _C.set_isa(best)
 
 
 def test_benchmark_results_go_to_a_scratch_directory_unless_update(tmp_path, monkeypatch):
@@ -820,13 +841,14 @@ def test_benchmark_results_go_to_a_scratch_directory_unless_update(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert bench_run.main(["--ops", "adam", "--device", "cpu", "--quick"]) == 0
     scratch = tmp_path / harness.SCRATCH_DIR
-    assert sorted(p.name for p in scratch.iterdir()) == ["adam_cpu.json", "adam_cpu.md", "adam_cpu.png"]
+    stem = f"adam_cpu_{harness.cpu_tag()}"
+    assert sorted(p.name for p in scratch.iterdir()) == [f"{stem}.json", f"{stem}.md", f"{stem}.png"]
     assert not committed.exists()
-    table = (scratch / "adam_cpu.md").read_text()
+    table = (scratch / f"{stem}.md").read_text()
     assert "machine: " in table and " cores, " in table and " threads" in table and "--quick run" in table
     assert "| tiny | torch.compile | n/a (not timed in a --quick run) |" in table
     with pytest.raises(SystemExit):
         bench_run.main(["--ops", "adam", "--device", "cpu", "--quick", "--update"])
     monkeypatch.setattr(bench_adam, "run", lambda device, quick: one_row(device, True))
     assert bench_run.main(["--ops", "adam", "--device", "cpu", "--update"]) == 0
-    assert sorted(p.name for p in committed.iterdir()) == ["adam_cpu.json", "adam_cpu.md", "adam_cpu.png"]
+    assert sorted(p.name for p in committed.iterdir()) == [f"{stem}.json", f"{stem}.md", f"{stem}.png"]
