@@ -18,8 +18,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import re
 import statistics
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,6 +31,9 @@ import torch
 
 from ffnn.cli import cpu_model, machine_summary
 
+# What an --isa run sets to hold PyTorch's own vectorised kernels (ATen), MKL's GEMMs and
+# oneDNN's to AVX2, as on an AVX2-only CPU (AMD's EPYC before Zen 4, Intel's desktop parts).
+AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the committed tables
 SCRATCH_DIR = Path("runs") / "benchmarks"  # an ad-hoc run's tables
 OURS = "ours"
@@ -58,6 +64,20 @@ def set_quick(quick: bool) -> None:
     """Time every row of this process's benchmarks for ``MIN_TIME["quick"]`` seconds instead of the full time."""
     global _mode
     _mode = "quick" if quick else "full"
+
+
+def run_as_isa(isa: str, module: str, argv: list[str]) -> int | None:
+    """``--isa avx2`` of a benchmark command (``python -m <module> <argv>``). The libraries read
+    AVX2_ENVIRONMENT when they load, so unless this process started with it, the command runs
+    again in a new process that has it, and this returns that process's exit status. Otherwise
+    it sets the C++ kernels to ``isa`` too, here, and returns None: go on measuring. Raises
+    ValueError for an instruction set this CPU lacks."""
+    if any(os.environ.get(k) != v for k, v in AVX2_ENVIRONMENT.items()):
+        return subprocess.run([sys.executable, "-m", module, *argv], env={**os.environ, **AVX2_ENVIRONMENT}).returncode
+    from kernels import _C
+
+    _C.set_isa(isa)
+    return None
 
 
 def set_variant(name: str) -> None:

@@ -1,5 +1,5 @@
 """Where one CPU training step of the MNIST MLP (784-128-64-10, batch 64, Adam) spends its time:
-``python -m benchmarks.profile_step [--threads N]``.
+``python -m benchmarks.profile_step [--threads N] [--isa avx2]``.
 
 Prints, per step: the C++ kernels alone (called directly on kept buffers: the arithmetic), the
 optimizer step, the whole step through autograd (kernels.linear / cross_entropy and
@@ -7,17 +7,20 @@ loss.backward(), what any model gets), the whole step through kernels.MLPStep wi
 optimizer inside (one native call, what ffnn runs), and PyTorch eager's step. The difference between a whole step and its kernels is the
 Python, autograd and allocation around them. Times are the minimum over repeats of the mean per
 step; with one thread they are the calling thread's CPU time (time.thread_time), which other
-processes on a shared machine barely move; with more threads, wall time.
+processes on a shared machine barely move; with more threads, wall time. ``--isa avx2`` runs
+it as an AVX2-only CPU would, ours and PyTorch alike (see ``benchmarks.run``).
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from types import SimpleNamespace
 
 import torch
 
 import kernels
+from benchmarks import harness
 from ffnn.model import build, loss_function
 from ffnn.step import World, make_optimizer, make_step
 
@@ -82,10 +85,18 @@ def steps(clock) -> dict[str, float]:
     return times
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = p.parse_args()
+    p.add_argument("--isa", choices=("avx2",), help="run as an AVX2-only CPU would, ours and PyTorch alike")
+    args = p.parse_args(argv)
+    if args.isa:
+        try:
+            status = harness.run_as_isa(args.isa, "benchmarks.profile_step", sys.argv[1:] if argv is None else argv)
+        except ValueError as e:
+            p.error(str(e))
+        if status is not None:
+            return status
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     from kernels import _C
@@ -97,7 +108,8 @@ def main() -> None:
     for k, v in rows.items():
         print(f"| {k} | {v * 1e6:.1f} |")
     print(f"| kernels alone, total (no optimizer) | {kernel_total * 1e6:.1f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

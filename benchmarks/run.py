@@ -8,7 +8,7 @@ incomplete: it cannot --update.
 
 --isa avx2 measures, on a CPU with AVX-512, what a CPU with AVX2 only (AMD's EPYC before Zen 4,
 Intel's desktop parts) runs: the C++ kernels' AVX2 build, and PyTorch's own CPU kernels, MKL and
-oneDNN each limited to AVX2 through the variables of ``AVX2_ENVIRONMENT``. Those are read when
+oneDNN each limited to AVX2 through the variables of ``harness.AVX2_ENVIRONMENT``. Those are read when
 the libraries load, so the run starts again in a new process with them set.
 
 A CPU's tables are named after the machine (``harness.cpu_tag``): ``<op>_cpu_<brand>-<SIMD>.*``,
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,8 +27,6 @@ import torch
 from benchmarks import harness
 
 ALL_OPS = ("linear", "cross_entropy", "adam", "e2e")
-# PyTorch's own vectorised kernels (ATen), MKL's GEMMs and oneDNN's, each held to AVX2.
-AVX2_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,18 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(ALL_OPS)}")
     if args.isa and args.device != "cpu":
         p.error("--isa chooses the CPU's instruction set: it needs --device cpu")
-    if args.isa and any(os.environ.get(k) != v for k, v in AVX2_ENVIRONMENT.items()):
-        command = [sys.executable, "-m", "benchmarks.run", *(sys.argv[1:] if argv is None else argv)]
-        return subprocess.run(command, env={**os.environ, **AVX2_ENVIRONMENT}).returncode
     out = harness.RESULTS_DIR if args.update else Path(args.out or harness.SCRATCH_DIR)
 
     if args.isa:
-        from kernels import _C
-
         try:
-            _C.set_isa(args.isa)
+            status = harness.run_as_isa(args.isa, "benchmarks.run", sys.argv[1:] if argv is None else argv)
         except ValueError as e:
             p.error(str(e))
+        if status is not None:
+            return status
         harness.set_variant(args.isa)
     harness.set_quick(args.quick)
     for op in ops:

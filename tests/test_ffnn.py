@@ -771,17 +771,17 @@ def test_benchmark_isa_avx2_runs_ours_and_pytorch_on_avx2_in_a_new_process(tmp_p
     if _C.isa() == "portable":
         pytest.skip("this CPU has no AVX2")
     started = []
-    monkeypatch.setattr(bench_run.subprocess, "run",
+    monkeypatch.setattr(harness.subprocess, "run",
                         lambda command, env: started.append((command, env)) or subprocess.CompletedProcess(command, 0))
-    for key in bench_run.AVX2_ENVIRONMENT:
+    for key in harness.AVX2_ENVIRONMENT:
         monkeypatch.delenv(key, raising=False)
     assert bench_run.main(["--ops", "adam", "--device", "cpu", "--isa", "avx2", "--quick"]) == 0
     (command, env), = started
     assert command[1:] == ["-m", "benchmarks.run", "--ops", "adam", "--device", "cpu", "--isa", "avx2", "--quick"]
-    assert all(env[k] == v for k, v in bench_run.AVX2_ENVIRONMENT.items())
+    assert all(env[k] == v for k, v in harness.AVX2_ENVIRONMENT.items())
 
     seen = []  # what the child does, with the environment already set
-    for key, value in bench_run.AVX2_ENVIRONMENT.items():
+    for key, value in harness.AVX2_ENVIRONMENT.items():
         monkeypatch.setenv(key, value)
 
     def one_row(device, quick):
@@ -823,6 +823,23 @@ def test_cpu_tables_are_filed_under_the_cpu_brand_and_its_best_simd_path(monkeyp
         assert harness.cpu_tag() == f"{brand}-{best}"
     finally:
         _C.set_isa(best)
+
+
+def test_profile_step_isa_avx2_runs_in_a_new_process_held_to_avx2(monkeypatch):
+    from benchmarks import harness, profile_step
+    from kernels import _C
+
+    if _C.isa() == "portable":
+        pytest.skip("this CPU has no AVX2")
+    started = []
+    monkeypatch.setattr(harness.subprocess, "run",
+                        lambda command, env: started.append((command, env)) or subprocess.CompletedProcess(command, 3))
+    for key in harness.AVX2_ENVIRONMENT:
+        monkeypatch.delenv(key, raising=False)
+    assert profile_step.main(["--threads", "1", "--isa", "avx2"]) == 3  # the child's exit status
+    (command, env), = started
+    assert command[1:] == ["-m", "benchmarks.profile_step", "--threads", "1", "--isa", "avx2"]
+    assert all(env[k] == v for k, v in harness.AVX2_ENVIRONMENT.items())
 
 
 def test_benchmark_results_go_to_a_scratch_directory_unless_update(tmp_path, monkeypatch):
