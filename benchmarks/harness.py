@@ -15,6 +15,7 @@ taken under the same conditions, which is what the tables are read for.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -66,17 +67,25 @@ def set_quick(quick: bool) -> None:
     _mode = "quick" if quick else "full"
 
 
-def run_as_isa(isa: str, module: str, argv: list[str]) -> int | None:
-    """``--isa avx2`` of a benchmark command (``python -m <module> <argv>``). The libraries read
-    AVX2_ENVIRONMENT when they load, so unless this process started with it, the command runs
-    again in a new process that has it, and this returns that process's exit status. Otherwise
-    it sets the C++ kernels to ``isa`` too, here, and returns None: go on measuring. Raises
-    ValueError for an instruction set this CPU lacks."""
+def add_isa_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--isa", choices=("avx2",), help="run as an AVX2-only CPU would, ours and PyTorch alike (CPU only)")
+
+
+def run_as_isa(p: argparse.ArgumentParser, isa: str, module: str, argv: list[str] | None) -> int | None:
+    """``--isa`` of a benchmark command (``python -m <module> <argv>``, argv None: this process's).
+    The libraries read AVX2_ENVIRONMENT when they load, so unless this process started with it,
+    the command runs again in a new process that has it, and this returns that process's exit
+    status. Otherwise it sets the C++ kernels to ``isa`` too, here, and returns None: go on
+    measuring. An instruction set this CPU lacks is the parser's error."""
     if any(os.environ.get(k) != v for k, v in AVX2_ENVIRONMENT.items()):
-        return subprocess.run([sys.executable, "-m", module, *argv], env={**os.environ, **AVX2_ENVIRONMENT}).returncode
+        command = [sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.run(command, env={**os.environ, **AVX2_ENVIRONMENT}).returncode
     from kernels import _C
 
-    _C.set_isa(isa)
+    try:
+        _C.set_isa(isa)
+    except ValueError as e:
+        p.error(str(e))
     return None
 
 

@@ -88,15 +88,10 @@ def steps(clock) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--isa", choices=("avx2",), help="run as an AVX2-only CPU would, ours and PyTorch alike")
+    harness.add_isa_option(p)
     args = p.parse_args(argv)
-    if args.isa:
-        try:
-            status = harness.run_as_isa(args.isa, "benchmarks.profile_step", sys.argv[1:] if argv is None else argv)
-        except ValueError as e:
-            p.error(str(e))
-        if status is not None:
-            return status
+    if args.isa and (status := harness.run_as_isa(p, args.isa, "benchmarks.profile_step", argv)) is not None:
+        return status
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     from kernels import _C

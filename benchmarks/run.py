@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     p.add_argument("--ops", default=",".join(ALL_OPS), help=f"comma-separated subset of {','.join(ALL_OPS)}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
-    p.add_argument("--isa", choices=("avx2",), help="run as an AVX2-only CPU would, ours and PyTorch alike (CPU only)")
+    harness.add_isa_option(p)
     p.add_argument("--quick", action="store_true", help="fewer and smaller cases, shorter timing: a smoke run")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--update", action="store_true", help="write the committed tables in benchmarks/results/")
@@ -53,10 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     out = harness.RESULTS_DIR if args.update else Path(args.out or harness.SCRATCH_DIR)
 
     if args.isa:
-        try:
-            status = harness.run_as_isa(args.isa, "benchmarks.run", sys.argv[1:] if argv is None else argv)
-        except ValueError as e:
-            p.error(str(e))
+        status = harness.run_as_isa(p, args.isa, "benchmarks.run", argv)
         if status is not None:
             return status
         harness.set_variant(args.isa)

@@ -762,25 +762,55 @@ def test_benchmark_compare_interleaves_rounds_and_takes_the_median_ratio(monkeyp
     assert "| case | peer | 2.000 s | 4.00 flop/s | 2.00x |" in results.markdown()
 
 
-def test_benchmark_isa_avx2_runs_ours_and_pytorch_on_avx2_in_a_new_process(tmp_path, monkeypatch):
-    """--isa avx2 starts the run again with MKL, oneDNN and ATen held to AVX2 (they read that when
-    they load), and there the C++ kernels run their AVX2 build; its tables say so in their name."""
-    from benchmarks import bench_adam, harness, run as bench_run
+@pytest.mark.parametrize("module, args", [
+    ("benchmarks.run", ["--ops", "adam", "--device", "cpu", "--isa", "avx2", "--quick"]),
+    ("benchmarks.profile_step", ["--threads", "1", "--isa", "avx2"]),
+])
+def test_benchmark_isa_avx2_starts_the_command_again_held_to_avx2(monkeypatch, module, args):
+    """--isa avx2 runs the command again with MKL, oneDNN and ATen held to AVX2 (they read that
+    when they load), and returns the new process's exit status."""
+    import importlib
+
+    from benchmarks import harness
     from kernels import _C
 
     if _C.isa() == "portable":
         pytest.skip("this CPU has no AVX2")
     started = []
     monkeypatch.setattr(harness.subprocess, "run",
-                        lambda command, env: started.append((command, env)) or subprocess.CompletedProcess(command, 0))
+                        lambda command, env: started.append((command, env)) or subprocess.CompletedProcess(command, 3))
     for key in harness.AVX2_ENVIRONMENT:
         monkeypatch.delenv(key, raising=False)
-    assert bench_run.main(["--ops", "adam", "--device", "cpu", "--isa", "avx2", "--quick"]) == 0
+    assert importlib.import_module(module).main(args) == 3
     (command, env), = started
-    assert command[1:] == ["-m", "benchmarks.run", "--ops", "adam", "--device", "cpu", "--isa", "avx2", "--quick"]
+    assert command[1:] == ["-m", module, *args]
     assert all(env[k] == v for k, v in harness.AVX2_ENVIRONMENT.items())
 
-    seen = []  # what the child does, with the environment already set
+
+def test_benchmark_isa_the_cpu_lacks_is_a_usage_error(monkeypatch, capsys):
+    from benchmarks import harness, profile_step
+    from kernels import _C
+
+    def refuse(name):
+        raise ValueError(f"kernels._C.set_isa: this CPU does not support {name}")
+
+    for key, value in harness.AVX2_ENVIRONMENT.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(_C, "set_isa", refuse)
+    with pytest.raises(SystemExit) as e:
+        profile_step.main(["--isa", "avx2"])
+    assert e.value.code == 2 and "this CPU does not support avx2" in capsys.readouterr().err
+
+
+def test_benchmark_isa_avx2_runs_ours_and_pytorch_on_avx2(tmp_path, monkeypatch):
+    """In the process started again (the environment set), the C++ kernels run their AVX2 build
+    and the tables say so in their name."""
+    from benchmarks import bench_adam, harness, run as bench_run
+    from kernels import _C
+
+    if _C.isa() == "portable":
+        pytest.skip("this CPU has no AVX2")
+    seen = []
     for key, value in harness.AVX2_ENVIRONMENT.items():
         monkeypatch.setenv(key, value)
 
@@ -823,23 +853,6 @@ def test_cpu_tables_are_filed_under_the_cpu_brand_and_its_best_simd_path(monkeyp
         assert harness.cpu_tag() == f"{brand}-{best}"
     finally:
         _C.set_isa(best)
-
-
-def test_profile_step_isa_avx2_runs_in_a_new_process_held_to_avx2(monkeypatch):
-    from benchmarks import harness, profile_step
-    from kernels import _C
-
-    if _C.isa() == "portable":
-        pytest.skip("this CPU has no AVX2")
-    started = []
-    monkeypatch.setattr(harness.subprocess, "run",
-                        lambda command, env: started.append((command, env)) or subprocess.CompletedProcess(command, 3))
-    for key in harness.AVX2_ENVIRONMENT:
-        monkeypatch.delenv(key, raising=False)
-    assert profile_step.main(["--threads", "1", "--isa", "avx2"]) == 3  # the child's exit status
-    (command, env), = started
-    assert command[1:] == ["-m", "benchmarks.profile_step", "--threads", "1", "--isa", "avx2"]
-    assert all(env[k] == v for k, v in harness.AVX2_ENVIRONMENT.items())
 
 
 def test_benchmark_results_go_to_a_scratch_directory_unless_update(tmp_path, monkeypatch):
