@@ -39,7 +39,7 @@ from ffnn import data as datasets
 from ffnn.errors import FFNNError
 from ffnn.evaluate import evaluate_model
 from ffnn.model import build, loss_function
-from ffnn.step import World, capture_step, make_optimizer, make_step
+from ffnn.step import World, calls, capture_step, make_optimizer, make_step
 
 BATCH, LR, SEED = 64, 1e-3, 0
 
@@ -77,6 +77,8 @@ def _resident(impl: str, data: datasets.Data, device: torch.device, graph: bool 
             for p in params:
                 p.grad = None
             loss_sum.add_(loss.detach())
+
+        step.steps_per_call = 1
     else:
         step = make_step(model, optimizer, loss_function(impl), data.train_x, data.train_y, loss_sum, World(), 1.0)
         if graph:
@@ -92,7 +94,7 @@ def _resident_epochs(step, loss_sum, data: datasets.Data, device: torch.device):
         batches = datasets.epoch_batches(len(data.train_y), BATCH, generator, device)
         _sync(device)
         t0 = time.perf_counter()
-        for idx in batches:
+        for idx in calls(batches, step.steps_per_call):
             step(idx)
         loss_sum.item()
         yield time.perf_counter() - t0

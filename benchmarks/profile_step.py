@@ -4,7 +4,8 @@
 Prints, per step: the C++ kernels alone (called directly on kept buffers: the arithmetic), the
 optimizer step, the whole step through autograd (kernels.linear / cross_entropy and
 loss.backward(), what any model gets), the whole step through kernels.MLPStep with the
-optimizer inside (one native call, what ffnn runs), and PyTorch eager's step. The difference between a whole step and its kernels is the
+optimizer inside (one native call a step, and STEPS_PER_CALL steps a call as ffnn runs it), and
+PyTorch eager's step. The difference between a whole step and its kernels is the
 Python, autograd and allocation around them. Times are the minimum over repeats of the mean per
 step; with one thread they are the calling thread's CPU time (time.thread_time), which other
 processes on a shared machine barely move; with more threads, wall time. ``--isa avx2`` runs
@@ -22,7 +23,7 @@ import torch
 import kernels
 from benchmarks import harness
 from ffnn.model import build, loss_function
-from ffnn.step import World, make_optimizer, make_step
+from ffnn.step import STEPS_PER_CALL, World, make_optimizer, make_step
 
 SIZES, BATCH, ROWS = (784, 128, 64, 10), 64, 6400
 
@@ -81,6 +82,9 @@ def steps(clock) -> dict[str, float]:
         it = iter(range(10**9))
         times[name] = per_call(lambda: step(index[next(it) % len(index)]), clock)
         if impl == "fused" and native:
+            chunks = torch.stack(index[: len(index) // STEPS_PER_CALL * STEPS_PER_CALL]).view(-1, STEPS_PER_CALL, BATCH)
+            times[f"step, MLPStep, {STEPS_PER_CALL} steps a call (what ffnn runs)"] = per_call(
+                lambda: step(chunks[next(it) % len(chunks)]), clock, calls=300 // STEPS_PER_CALL) / STEPS_PER_CALL
             times["optimizer step alone (FusedAdam.step())"] = per_call(optimizer.step, clock)
     return times
 

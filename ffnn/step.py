@@ -3,7 +3,10 @@
 
 A step gathers its batch from the device-resident dataset with index_select, runs forward,
 loss, backward, the data-parallel all-reduce when there are several processes, and the
-optimizer, and adds the loss to a device-side sum: no host synchronisation. Every gradient is
+optimizer, and adds the loss to a device-side sum: no host synchronisation. On the CPU, where
+one process runs the whole step natively (kernels.MLPStep with the optimizer inside), a call runs
+up to STEPS_PER_CALL steps, each on its own batch (``calls``): the Python of a call, about 20 us,
+is then paid once for them. Every gradient is
 a view of one flat buffer that the step zeroes in place at its start and never sets to None, so
 gradient addresses stay fixed from the first step on: a captured CUDA graph replays with the
 addresses it was captured with, FusedAdam's table of addresses is built once, and the gradients
@@ -25,6 +28,10 @@ from ffnn.model import MLP
 TORCH_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 FUSED_OPTIMIZERS = {"adam": "FusedAdam", "adamw": "FusedAdamW", "sgd": "FusedSGD"}
 OPTIMIZERS = tuple(TORCH_OPTIMIZERS)
+# Steps of the native CPU path per call: the Python of a call (about 20 us, a tenth of an MNIST
+# step on two cores) is paid once for them; an epoch of 937 in one call gained nothing more.
+# Ctrl-C stops a run at the end of a call.
+STEPS_PER_CALL = 16
 
 
 @dataclass
@@ -106,7 +113,9 @@ def native_step(model: torch.nn.Module, loss_fn, x_all: torch.Tensor, optimizer=
 def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn, x_all: torch.Tensor,
               y_all: torch.Tensor, loss_sum: torch.Tensor, world: World,
               shard_weight: float) -> Callable[[torch.Tensor], None]:
-    """The training step on one batch of row indices into (x_all, y_all): ``step(idx)``.
+    """The training step on one batch of row indices into (x_all, y_all): ``step(idx)``; where the
+    whole step runs natively, ``step.steps_per_call`` is STEPS_PER_CALL and ``step(idx)`` with idx
+    of shape (S, M) runs S steps, one per row (1 and one batch otherwise: ``calls`` groups them).
 
     Across ranks, each takes rows [lo, hi) of the global batch and its mean loss; the global
     mean's gradient is the sum over ranks of (hi - lo) / batch_size times each rank's gradient,
@@ -120,6 +129,8 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
     def step(idx: torch.Tensor) -> None:
         if native is not None:  # sets the gradients: nothing to zero
             loss = native(x_all, y_all, idx)
+            if idx.dim() == 2:  # the losses of several steps, their optimizer's steps done inside
+                loss = loss.sum()
         else:
             grads.zero_()
             loss = loss_fn(model(x_all.index_select(0, idx)), y_all.index_select(0, idx))
@@ -131,7 +142,19 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
             optimizer.step()
         loss_sum.add_(loss.detach())
 
+    step.steps_per_call = STEPS_PER_CALL if optimizer_inside else 1
     return step
+
+
+def calls(batches, steps_per_call: int):
+    """The epoch's batches as the step takes them: one at a time, or ``steps_per_call`` at a time
+    stacked into (S, M) (the last call takes what is left)."""
+    if steps_per_call == 1:
+        yield from batches
+        return
+    for i in range(0, len(batches), steps_per_call):
+        group = batches[i:i + steps_per_call]
+        yield torch.stack(group) if len(group) > 1 else group[0]
 
 
 def capture_step(step, batch_size: int, model, optimizer, device: torch.device):
@@ -173,4 +196,5 @@ def capture_step(step, batch_size: int, model, optimizer, device: torch.device):
         static_idx.copy_(idx, non_blocking=True)
         graph.replay()
 
+    run.steps_per_call = 1
     return run

@@ -39,7 +39,7 @@ from ffnn.errors import FFNNError
 from ffnn.evaluate import evaluate_model
 from ffnn.launch import INTERRUPTED
 from ffnn.model import TORCH_ACTIVATIONS, build, count_parameters, describe, loss_function
-from ffnn.step import OPTIMIZERS, World, capture_step, make_optimizer, make_step
+from ffnn.step import OPTIMIZERS, World, calls, capture_step, make_optimizer, make_step
 
 PROG = "ffnn-train"
 # Options that define a run. Unset, they take these defaults, or on --resume the checkpoint's
@@ -161,8 +161,9 @@ def claim_output(args: argparse.Namespace) -> Path:
 
 
 class StopRequest:
-    """Turns the first Ctrl-C (SIGINT) into a request to stop after the current step, so the
-    checkpoint saved then is a consistent one; a second Ctrl-C interrupts at once."""
+    """Turns the first Ctrl-C (SIGINT) into a request to stop after the current step (on the
+    native CPU path, the current call of up to STEPS_PER_CALL steps), so the checkpoint saved then
+    is a consistent one; a second Ctrl-C interrupts at once."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.requested = False
@@ -294,12 +295,15 @@ def _train(args: argparse.Namespace, ckpt: dict | None, world: World, device: to
             loss_sum.fill_(partial_loss if epoch == start_epoch else 0.0)
             done = first
             t0 = time.perf_counter()
-            for idx in tqdm(batches[first:], desc=f"epoch {epoch + 1}/{args.epochs}", unit="step",
-                            leave=False, disable=not show_bar, dynamic_ncols=True):
-                if stop.requested:
-                    break
-                step(idx)
-                done += 1
+            with tqdm(total=len(batches) - first, desc=f"epoch {epoch + 1}/{args.epochs}", unit="step",
+                      leave=False, disable=not show_bar, dynamic_ncols=True) as bar:
+                for idx in calls(batches[first:], step.steps_per_call):
+                    if stop.requested:
+                        break
+                    step(idx)
+                    ran = 1 if idx.dim() == 1 else len(idx)
+                    done += ran
+                    bar.update(ran)
             local_loss = loss_sum.item()  # the one host sync of the epoch
             seconds = time.perf_counter() - t0
             if done < steps:

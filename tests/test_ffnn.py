@@ -290,21 +290,23 @@ def test_resume_gives_the_uninterrupted_weights(runs, data_dir, tmp_path):
 
 
 def test_stop_mid_epoch_saves_the_position_and_resumes_exactly(runs, data_dir, tmp_path, monkeypatch):
-    """What Ctrl-C does, deterministically: the stop request arrives before step 6 of epoch 2."""
+    """What Ctrl-C does, deterministically: the stop request arrives before step 6 of epoch 2 (the
+    native CPU step here runs 5 steps a call: calls of 5, 5, 5 and 1 of the epoch's 16)."""
 
     class StopAtSixthStepOfEpochTwo(train.StopRequest):
-        checks = 0  # one check per step, and one after each epoch
+        checks = 0  # one check per call, and one after each epoch
 
         @property
         def requested(self):
             type(self).checks += 1
-            return self.checks > 16 + 1 + 5
+            return self.checks > 4 + 1 + 1
 
         @requested.setter
         def requested(self, value):
             pass
 
     monkeypatch.setattr(train, "StopRequest", StopAtSixthStepOfEpochTwo)
+    monkeypatch.setattr(steps, "STEPS_PER_CALL", 5)
     out = tmp_path / "run"
     assert train.main([*RUN, "--data-dir", str(data_dir), "--impl", "fused", "--out", str(out)]) == train.INTERRUPTED
     ckpt = checkpoint.load(out / "checkpoint.pt")

@@ -213,14 +213,65 @@ def test_native_update_is_skipped_for_bad_targets_and_bad_arguments():
     x, target, loss = torch.randn(4, 6), torch.tensor([0, 1, 2, 1]), torch.empty(())
     step(x, target)
     with pytest.raises(ValueError, match="sgd update takes 4 scalars and 2 flags"):
-        _C.mlp_step("float32", x.data_ptr(), target.data_ptr(), 0, 4, 0, 0, loss.data_ptr(), 4,
+        _C.mlp_step("float32", x.data_ptr(), target.data_ptr(), 0, 4, 0, 0, loss.data_ptr(), 4, 1,
                     step._layer_list(4, torch.float32), "relu", "sgd", 0, 0, [0.1], [False], 1)
+    with pytest.raises(ValueError, match="several steps in one call need an index of rows and an optimizer"):
+        _C.mlp_step("float32", x.data_ptr(), target.data_ptr(), 0, 4, 0, 0, loss.data_ptr(), 4, 2,
+                    step._layer_list(4, torch.float32), "relu", "", 0, 0, [], [], 1)
+
+
+@pytest.mark.parametrize("make_optimizer", OPTIMIZERS.values(), ids=list(OPTIMIZERS))
+def test_several_steps_in_one_call_are_those_steps_one_call_each(make_optimizer):
+    """A 2-D index (S, M) runs S steps: the same losses, parameters and optimizer state, to the
+    bit, as S calls on its rows (SGD's first momentum step and Adam's step counts included; with
+    two groups, S calls are what it makes)."""
+    layers, reference = make_layers((20, 16, 5)), make_layers((20, 16, 5))
+    for ours, theirs in zip(layers, reference):
+        theirs.load_state_dict(ours.state_dict())
+    optimizer, reference_optimizer = make_optimizer(parameters(layers)), make_optimizer(parameters(reference))
+    step, reference_step = MLPStep(layers, optimizer), MLPStep(reference, reference_optimizer)
+    x_all, target_all = torch.randn(50, 20), torch.randint(0, 5, (50,))
+    for calls in (torch.randint(0, 50, (7, 8)), torch.randint(0, 50, (1, 8)), torch.randint(0, 50, (3, 8))):
+        losses = step(x_all, target_all, calls)
+        assert losses.shape == (len(calls),)
+        assert torch.equal(losses, torch.stack([reference_step(x_all, target_all, rows) for rows in calls]))
+        for p, q in zip(parameters(layers), parameters(reference)):
+            assert torch.equal(p, q)
+    state, reference_state = optimizer.state_dict()["state"], reference_optimizer.state_dict()["state"]
+    assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(reference_state[i][k]))
+               for i in state for k, v in state[i].items())
+
+
+def test_several_steps_check_every_target_before_the_first_step():
+    layers = make_layers((6, 5, 3))
+    optimizer = kernels.FusedAdam(parameters(layers), lr=0.1)
+    step = MLPStep(layers, optimizer)
+    x_all, target_all = torch.randn(10, 6), torch.tensor([0, 1, 2, 1, 0, 5, 1, 2, 0, 1])
+    before = [p.detach().clone() for p in parameters(layers)]
+    with pytest.raises(ValueError, match=r"step 1 of the 2: cross_entropy: target\[2\] = 5 is out of range for 3"):
+        step(x_all, target_all, torch.tensor([[0, 1, 2], [3, 4, 5]]))
+    assert all(torch.equal(p, b) for p, b in zip(parameters(layers), before))
+    assert all(float(state["step"]) == 0 for state in optimizer.state.values())  # no update ran
+    with pytest.raises(ValueError, match=r"asks for 2 steps, which need the optimizer inside"):
+        MLPStep(layers)(x_all, target_all, torch.tensor([[0, 1], [2, 3]]))
+    with pytest.raises(IndexError, match=r"index\[4\] = 10 is out of range for 10 rows"):
+        step(x_all, target_all, torch.tensor([[0, 1], [2, 3], [10, 1]]))
 
 
 def test_layer_fields_match_the_cpp_step():
     from kernels import _C
 
     assert tuple(_C.mlp_layer_fields) == LAYER_FIELDS
+
+
+def test_ignore_index_is_cross_entropys_default_in_python_and_cpp():
+    import inspect
+
+    from kernels import _C
+    from kernels.cpu.mlp import IGNORE_INDEX
+
+    default = inspect.signature(torch.nn.functional.cross_entropy).parameters["ignore_index"].default
+    assert _C.mlp_ignore_index == IGNORE_INDEX == default
 
 
 def test_errors():
@@ -237,7 +288,7 @@ def test_errors():
         step(x, target.int())
     with pytest.raises(TypeError, match="input is torch.float64 on cpu, the parameters are torch.float32"):
         step(x.double(), target)
-    with pytest.raises(TypeError, match="index must be a 1-D int64"):
+    with pytest.raises(TypeError, match=r"index must be a 1-D \(one step\) or 2-D \(a step per row\) int64"):
         step(x, target, torch.tensor([0.5]))
     with pytest.raises(IndexError, match=r"index\[1\] = 4 is out of range for 4 rows"):
         step(x, target, torch.tensor([0, 4]))

@@ -34,7 +34,11 @@ OP = "MLPStep"
 class MLPStep:
     """``step = MLPStep(model.children())``; ``loss = step(x, target)``, or ``step(x_all,
     target_all, index)`` for the rows ``index`` of a resident dataset (gathered into a kept
-    buffer). Parameters may be replaced between calls (their addresses are read on every call);
+    buffer). With the optimizer inside, a 2-D ``index`` of shape (S, M) runs S steps, step s on
+    rows ``index[s]``, and returns their S losses: as S calls would, to the bit, in one native
+    call where the optimizer's step is one launch (with the hyper-parameters it has at the call;
+    every step's targets are checked before the first runs), in S calls otherwise (then an
+    out-of-range target in step s raises after the steps before it ran). Parameters may be replaced between calls (their addresses are read on every call);
     a ``.grad`` that is missing or not a contiguous tensor of the parameter's shape and dtype is
     replaced by a new one, any other is overwritten in place.
 
@@ -90,16 +94,23 @@ class MLPStep:
         if index is None:
             gathered, M = (None, None, None), x.shape[0]
         else:
-            if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != torch.int64 or not index.is_cpu:
-                raise TypeError(f"{OP}: index must be a 1-D int64 CPU tensor of row numbers")
+            if (not isinstance(index, torch.Tensor) or index.dim() not in (1, 2) or index.dtype != torch.int64
+                    or not index.is_cpu):
+                raise TypeError(f"{OP}: index must be a 1-D (one step) or 2-D (a step per row) int64 CPU tensor of "
+                                "row numbers")
+            if index.dim() == 2 and self.optimizer is None:
+                raise ValueError(f"{OP}: an index of shape {tuple(index.shape)} asks for {index.shape[0]} steps, which "
+                                 "need the optimizer inside (MLPStep(layers, optimizer))")
             index = index.contiguous()
-            M = index.shape[0]
+            M = index.shape[-1]
             gathered = (index, *self._gather_buffers(M, x.shape[1], dtype))
         layers = self._layer_list(M, dtype)
         if self.optimizer is None:
             return cpu.step(x, target, layers, self.activation, *gathered)
         native = self.optimizer.native_update()
         if native is None:
+            if index is not None and index.dim() == 2:  # one call per step, as the update is not one launch
+                return torch.stack([self(x, target, rows) for rows in index])
             loss = cpu.step(x, target, layers, self.activation, *gathered)
             self.optimizer.step()
             return loss
