@@ -147,14 +147,16 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn,
 
 
 def calls(batches, steps_per_call: int):
-    """The epoch's batches as the step takes them: one at a time, or ``steps_per_call`` at a time
-    stacked into (S, M) (the last call takes what is left)."""
-    if steps_per_call == 1:
-        yield from batches
-        return
-    for i in range(0, len(batches), steps_per_call):
-        group = batches[i:i + steps_per_call]
-        yield torch.stack(group) if len(group) > 1 else group[0]
+    """The epoch's batches as the step takes them: one at a time, or up to ``steps_per_call``
+    batches of one size at a time, stacked into (S, M); a last batch of another size
+    (``--keep-last-batch``) goes in a call of its own."""
+    i = 0
+    while i < len(batches):
+        end = i + 1
+        while end < len(batches) and end - i < steps_per_call and len(batches[end]) == len(batches[i]):
+            end += 1
+        yield torch.stack(batches[i:end]) if end - i > 1 else batches[i]
+        i = end
 
 
 def capture_step(step, batch_size: int, model, optimizer, device: torch.device):

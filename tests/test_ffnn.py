@@ -448,9 +448,12 @@ def test_fused_sgd_matches_plain_pytorch(data_dir, tmp_path):
     _assert_weights_close(_weights(out), expected, tol=1e-4)
 
 
-def test_keep_last_batch_trains_on_every_image_like_a_dataloader(data_dir, tmp_path, capsys):
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_keep_last_batch_trains_on_every_image_like_a_dataloader(data_dir, tmp_path, capsys, impl):
+    """Also on the native CPU step, which takes the batches several a call: the partial last one
+    in a call of its own."""
     out = tmp_path / "keep"
-    _train(out, data_dir, "--impl", "torch", "--batch-size", "24", "--keep-last-batch", "--hidden", "",
+    _train(out, data_dir, "--impl", impl, "--batch-size", "24", "--keep-last-batch", "--hidden", "",
            "--normalize", "unit", "--optimizer", "adam")
     printed = capsys.readouterr().out
     assert "11 steps of 24 per epoch (the last one partial)" in printed  # 256 = 10 x 24 + 16
@@ -458,6 +461,15 @@ def test_keep_last_batch_trains_on_every_image_like_a_dataloader(data_dir, tmp_p
     expected = _plain_pytorch_run(data_dir, (784, 10), lambda p: torch.optim.Adam(p, lr=3e-3, foreach=False),
                                   batch=24, epochs=2, keep_last=True, normalization="unit")
     _assert_weights_close(_weights(out), expected)
+
+
+def test_calls_group_batches_of_one_size():
+    b = [torch.arange(i * 4, i * 4 + 4) for i in range(5)] + [torch.tensor([99, 98])]
+    assert [tuple(c.shape) for c in steps.calls(b, 2)] == [(2, 4), (2, 4), (4,), (2,)]
+    assert [tuple(c.shape) for c in steps.calls(b, 16)] == [(5, 4), (2,)]
+    assert [tuple(c.shape) for c in steps.calls(b, 1)] == [(4,)] * 5 + [(2,)]
+    assert torch.equal(torch.cat([c.reshape(-1) for c in steps.calls(b, 3)]), torch.cat(b))
+    assert list(steps.calls([], 16)) == []
 
 
 def test_normalization_is_recorded_and_used_by_evaluate_and_predict(data_dir, tmp_path, capsys):
