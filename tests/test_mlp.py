@@ -231,10 +231,12 @@ def test_several_steps_in_one_call_are_those_steps_one_call_each(make_optimizer)
     optimizer, reference_optimizer = make_optimizer(parameters(layers)), make_optimizer(parameters(reference))
     step, reference_step = MLPStep(layers, optimizer), MLPStep(reference, reference_optimizer)
     x_all, target_all = torch.randn(50, 20), torch.randint(0, 5, (50,))
-    for calls in (torch.randint(0, 50, (7, 8)), torch.randint(0, 50, (1, 8)), torch.randint(0, 50, (3, 8))):
+    for calls in (torch.randint(0, 50, (7, 8)), torch.randint(0, 50, (1, 8)), torch.empty(0, 8, dtype=torch.int64),
+                  torch.randint(0, 50, (3, 8))):
         losses = step(x_all, target_all, calls)
         assert losses.shape == (len(calls),)
-        assert torch.equal(losses, torch.stack([reference_step(x_all, target_all, rows) for rows in calls]))
+        want = [reference_step(x_all, target_all, rows) for rows in calls]
+        assert torch.equal(losses, torch.stack(want) if want else torch.empty(0))
         for p, q in zip(parameters(layers), parameters(reference)):
             assert torch.equal(p, q)
     state, reference_state = optimizer.state_dict()["state"], reference_optimizer.state_dict()["state"]

@@ -101,6 +101,8 @@ class MLPStep:
             if index.dim() == 2 and self.optimizer is None:
                 raise ValueError(f"{OP}: an index of shape {tuple(index.shape)} asks for {index.shape[0]} steps, which "
                                  "need the optimizer inside (MLPStep(layers, optimizer))")
+            if index.dim() == 2 and index.shape[0] == 0:  # no steps: nothing to check, run or launch
+                return x.new_empty(0)
             index = index.contiguous()
             M = index.shape[-1]
             gathered = (index, *self._gather_buffers(M, x.shape[1], dtype))
