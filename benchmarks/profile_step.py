@@ -23,7 +23,7 @@ import torch
 import kernels
 from benchmarks import harness
 from ffnn.model import build, loss_function
-from ffnn.step import STEPS_PER_CALL, World, make_optimizer, make_step
+from ffnn.step import STEPS_PER_CALL, World, calls, make_optimizer, make_step
 
 SIZES, BATCH, ROWS = (784, 128, 64, 10), 64, 6400
 
@@ -82,7 +82,7 @@ def steps(clock) -> dict[str, float]:
         it = iter(range(10**9))
         times[name] = per_call(lambda: step(index[next(it) % len(index)]), clock)
         if impl == "fused" and native:
-            chunks = torch.stack(index[: len(index) // STEPS_PER_CALL * STEPS_PER_CALL]).view(-1, STEPS_PER_CALL, BATCH)
+            chunks = [c for c in calls(index, STEPS_PER_CALL) if len(c) == STEPS_PER_CALL]  # as ffnn groups them
             times[f"step, MLPStep, {STEPS_PER_CALL} steps a call (what ffnn runs)"] = per_call(
                 lambda: step(chunks[next(it) % len(chunks)]), clock, calls=300 // STEPS_PER_CALL) / STEPS_PER_CALL
             times["optimizer step alone (FusedAdam.step())"] = per_call(optimizer.step, clock)

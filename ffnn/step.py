@@ -28,7 +28,7 @@ from ffnn.model import MLP
 TORCH_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 FUSED_OPTIMIZERS = {"adam": "FusedAdam", "adamw": "FusedAdamW", "sgd": "FusedSGD"}
 OPTIMIZERS = tuple(TORCH_OPTIMIZERS)
-# Steps of the native CPU path per call: the Python of a call (about 20 us, a tenth of an MNIST
+# Steps of the native CPU path per call: the Python of a call (about 20 us, a seventh of an MNIST
 # step on two cores) is paid once for them; an epoch of 937 in one call gained nothing more.
 # Ctrl-C stops a run at the end of a call.
 STEPS_PER_CALL = 16

@@ -29,8 +29,8 @@ def step(x: torch.Tensor, target: torch.Tensor, layers: list[int], activation: s
     for one step and (S,) for S. Raises ValueError naming the first target out of range (checked
     for every step before any runs: nothing is written then), IndexError for an index out of
     range."""
-    steps, M = (1, x.shape[0]) if index is None else (1, index.shape[0]) if index.dim() == 1 else index.shape
-    loss = x.new_empty(size=() if index is None or index.dim() == 1 else (steps,))
+    loss = x.new_empty(size=() if index is None else index.shape[:-1])  # a loss per step
+    steps, M = loss.numel(), x.shape[0] if index is None else index.shape[-1]
     bad = extension().mlp_step(dtype_name(x), x.data_ptr(), target.data_ptr(), address(index), x.shape[0],
                                address(x_batch), address(target_batch), loss.data_ptr(), M, steps, layers, activation,
                                *update, num_threads())

@@ -38,9 +38,10 @@ class MLPStep:
     rows ``index[s]``, and returns their S losses: as S calls would, to the bit, in one native
     call where the optimizer's step is one launch (with the hyper-parameters it has at the call;
     every step's targets are checked before the first runs), in S calls otherwise (then an
-    out-of-range target in step s raises after the steps before it ran). Parameters may be replaced between calls (their addresses are read on every call);
-    a ``.grad`` that is missing or not a contiguous tensor of the parameter's shape and dtype is
-    replaced by a new one, any other is overwritten in place.
+    out-of-range target in step s raises after the steps before it ran). Parameters may be
+    replaced between calls (their addresses are read on every call); a ``.grad`` that is missing
+    or not a contiguous tensor of the parameter's shape and dtype is replaced by a new one, any
+    other is overwritten in place.
 
     ``optimizer``: a ``kernels.FusedAdam``, ``FusedAdamW`` or ``FusedSGD``; each call then also
     makes its step, as ``optimizer.step()`` after the backward would, and where that step is one
