@@ -1,6 +1,8 @@
 """FusedAdam / FusedAdamW against torch.optim.Adam / AdamW: the same random problems, stepped
 side by side for ~50 steps, must give the same parameters and optimizer states."""
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -231,6 +233,23 @@ def test_table_built_once_with_fixed_gradients(backend):
             p.grad.add_(g)
         opt.step()
     assert opt.table_builds == 1
+
+
+def test_new_gradients_let_the_old_ones_go(backend):
+    """Steps with new gradient tensors (a zero_grad(set_to_none=True) loop) keep no reference to
+    the gradients of earlier steps, however the backend puts the new addresses in its table."""
+    init, grads = make_problem(backend.device, steps=3)
+    params = [p.clone().requires_grad_() for p in init]
+    opt = FusedAdam(params, lr=LR)
+    earlier = []
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        earlier.append([weakref.ref(p.grad) for p in params])
+        opt.step()
+    gc.collect()
+    assert all(r() is None for refs in earlier[:-1] for r in refs)
+    assert all(r() is not None for r in earlier[-1])
 
 
 @pytest.mark.parametrize("layout", ["transposed", "expanded"])

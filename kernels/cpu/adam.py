@@ -1,7 +1,8 @@
 """FusedAdam's CPU backend: csrc/adam.cpp's step over a group's table in a host array.
 
 ``table(entries, device)`` packs the rows (kernels/ops/param_table.py's ADAM_LAYOUT) into an
-array the C++ step reads in place; ``step`` runs one Adam/AdamW step over it, the GIL released.
+array the C++ step reads in place; ``set_gradients`` writes new gradients' addresses into it;
+``step`` runs one Adam/AdamW step over it, the GIL released.
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ class Table(NamedTuple):
 def table(entries: list[Entry], device: torch.device) -> Table:
     rows = array("q", chain.from_iterable(e.row for e in entries))
     return Table(dtype_name(entries[0].tensors["param"]), rows, rows.buffer_info()[0], len(entries))
+
+
+def set_gradients(table: Table, field: int, addresses: list[int]) -> None:
+    """Writes new gradient addresses (one per row) into field ``field`` of the rows, in place."""
+    table.rows[field::len(table.rows) // table.count] = array("q", addresses)
 
 
 def step(table: Table, lr, beta1, beta2, eps: float, weight_decay: float, *, decoupled: bool, amsgrad: bool,

@@ -4,9 +4,9 @@ first_step flags of the rows it has run."""
 from __future__ import annotations
 
 from kernels.cpu import extension, num_threads
-from kernels.cpu.adam import Table, table
+from kernels.cpu.adam import Table, set_gradients, table
 
-__all__ = ["Table", "table", "step", "update"]
+__all__ = ["Table", "table", "set_gradients", "step", "update"]
 
 
 def step(table: Table, lr, momentum: float, dampening: float, weight_decay, *, nesterov: bool,

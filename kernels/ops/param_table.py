@@ -20,8 +20,9 @@ hold, which the step checks before every launch (under a microsecond per paramet
 * every parameter has the address and shape it had, and the same parameters have gradients;
 * every gradient is the same tensor object at the same address.
 
-When only gradients changed (new tensors, as after ``zero_grad(set_to_none=True)``), the rows are
-made again with the new gradients (states kept: ``table_builds`` counts it); otherwise the whole
+When only gradients changed (new tensors, as after ``zero_grad(set_to_none=True)``), the rows
+take the new gradients (states kept: ``table_builds`` counts it; a CPU table has the addresses
+written into it in place, any other is made again); otherwise the whole
 table is rebuilt: missing states are created as torch.optim creates them, present ones are
 checked against their parameter (a state of another shape raises, as torch.optim does when it
 reaches it). The table keeps a reference to every tensor it points to (a detached alias, which
@@ -160,6 +161,7 @@ class GroupTable:
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self.backend = backend_for(self.device)
         self.implementation = implementation(optimizer.op, self.backend)
+        self.set_gradients = getattr(self.implementation, "set_gradients", None)
         self.cuda = self.device.type == "cuda"
         self.slots: list[_Slot] = []
         for i, p in enumerate(self.params):
@@ -229,20 +231,32 @@ class GroupTable:
     def _swap_gradients(self, grads: list) -> bool:
         """update_gradients in its common case (every step of a ``zero_grad(set_to_none=True)``
         loop): the new gradients, like the old ones, are real dense tensors of their parameters'
-        dtype, shape, strides and device (``grad_form``), so each row as last made only takes its
-        gradient's address, in one pass. False (nothing done) for anything else, which the
-        general path handles and reports."""
+        dtype, shape, strides and device (``grad_form``), so only the gradient addresses of the
+        rows change. A backend whose table is host memory read at each launch (the CPU's) has
+        them written into it in place (``set_gradients``); any other gets its tables made again
+        from each row as last made. False (nothing done) for anything else, which the general
+        path handles and reports."""
         if self.grad_copies or self.first_steps:
             return False
+        in_place = self.set_gradients is not None
         for slot, g in zip(self.row_slots, grads):
-            if (g is None or slot.entry is None or g.is_sparse
+            if (g is None or (slot.entry is None and not in_place) or g.is_sparse
                     or (g.dtype, g.shape, g.stride(), g.is_cpu, g.get_device()) != slot.grad_form):
                 return False
-        for slot, g, address in zip(self.row_slots, grads, map(_data_ptr, grads)):
-            slot.grad, slot.grad_address, slot.entry = g, address, slot.with_gradient(g, address)
-        self.tables = [self.implementation.table([slot.entry for slot in slots], self.device)
-                       for slots in self.table_slots]
-        self._remember(gradients_only=True)
+        addresses = list(map(_data_ptr, grads))
+        if in_place:
+            for slot, g, address in zip(self.row_slots, grads, addresses):
+                # the row as last made would keep the old gradient alive and name its address
+                slot.grad, slot.grad_address, slot.entry = g, address, None
+            grad_field = self.layout.index("grad")
+            for table, slots in zip(self.tables, self.table_slots):
+                self.set_gradients(table, grad_field, [slot.grad_address for slot in slots])
+        else:
+            for slot, g, address in zip(self.row_slots, grads, addresses):
+                slot.grad, slot.grad_address, slot.entry = g, address, slot.with_gradient(g, address)
+            self.tables = [self.implementation.table([slot.entry for slot in slots], self.device)
+                           for slots in self.table_slots]
+        self.row_grads, self.row_grad_addresses = grads, addresses
         return True
 
     def _set_grad(self, slot: _Slot, g: torch.Tensor, where) -> None:
