@@ -346,7 +346,7 @@ class GroupTable:
                 and all(map(is_, self.state.keys(), self.state_keys_seen))
                 and all(map(is_, self.state.values(), self.state_values_seen))
                 and all(map(is_, map(dict.get, self.state_dicts, self.state_names), self.state_tensors))
-                and all(g is None for g in map(_grad_of, self.rowless_params))):
+                and (not self.rowless_params or all(g is None for g in map(_grad_of, self.rowless_params)))):
             return None
         grads = list(map(_grad_of, params))
         if all(map(is_, grads, self.row_grads)) and list(map(_data_ptr, grads)) == self.row_grad_addresses:
