@@ -5,7 +5,9 @@ the README's table of training time and result (the examples' own output is hidd
 
 Each example runs --repeat times each way, the two ways taking turns (which one goes first
 alternates), so that a machine whose speed drifts slows both alike: the times are the medians and
-the speed-up is the median of the per-turn ratios.
+the speed-up is the median of the per-turn ratios. Short examples take more turns, until each way
+has trained for --min-seconds in all: a toy network's run lasts a tenth of a second, shorter than
+the slow and quick spells of a shared host, and three of them say little.
 """
 import argparse
 import contextlib
@@ -30,27 +32,38 @@ SYSTEMS = {
 }
 
 
+MAX_TURNS = 101
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="fashion-mnist", help="for the examples that train on images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--only", default=",".join(SYSTEMS), help="comma-separated examples (default: all)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each example each way, taking turns (default 3)")
+    p.add_argument("--min-seconds", type=float, default=2.0,
+                   help="more turns until each way has trained this long in all (default 2; at most "
+                        f"{MAX_TURNS} turns)")
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    if args.min_seconds < 0:
+        p.error("--min-seconds must not be negative")
     print("| tutorial system | command | training time: ours | plain PyTorch | speed-up | result: ours | plain PyTorch |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name in args.only.split(","):
         what, on_images, result = SYSTEMS[name]
         data = ["--dataset", args.dataset] if on_images else []
         runs = {"fused": [], "torch": []}
-        for turn in range(args.repeat):
+        seconds = {"fused": [], "torch": []}
+        turn = 0
+        while turn < args.repeat or (turn < MAX_TURNS and min(map(sum, seconds.values())) < args.min_seconds):
             for impl in ("fused", "torch") if turn % 2 == 0 else ("torch", "fused"):
                 with contextlib.redirect_stdout(io.StringIO()):
                     runs[impl].append(importlib.import_module(f"examples.{name}").main(
                         ["--device", args.device, *data, "--impl", impl]))
-        seconds = {impl: [r["seconds"] for r in done] for impl, done in runs.items()}
+                seconds[impl].append(runs[impl][-1]["seconds"])
+            turn += 1
         speedup = statistics.median(t / f for f, t in zip(seconds["fused"], seconds["torch"]))
         command = f"`python -m examples.{name}{''.join(' ' + a for a in data)}`"
         print(f"| {what} | {command} | {statistics.median(seconds['fused']):.2f} s | "

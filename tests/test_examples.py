@@ -89,3 +89,21 @@ def test_measure_takes_turns_and_reports_the_median_ratio(capsys, monkeypatch):
     row = capsys.readouterr().out.splitlines()[-1]
     assert row == ("| 1-2-1 sigmoid, one sample, MSE, SGD lr 0.5, 500 steps | `python -m examples.toy_sigmoid` | "
                    "2.00 s | 2.00 s | 2.00x | output 0.0255 (target 0) | output 0.0255 (target 0) |")
+
+
+def test_measure_takes_more_turns_for_short_examples(capsys, monkeypatch):
+    """An example whose runs are short takes turns past --repeat until each way has trained for
+    --min-seconds in all."""
+    from examples import measure
+
+    calls = []
+
+    def fake_main(argv):
+        impl = argv[argv.index("--impl") + 1]
+        calls.append(impl)
+        return {"seconds": 0.25 if impl == "fused" else 0.5, "output": 0.0255}
+
+    monkeypatch.setattr(importlib.import_module("examples.toy_sigmoid"), "main", fake_main)
+    measure.main(["--only", "toy_sigmoid", "--repeat", "3", "--min-seconds", "2"])
+    assert calls.count("fused") == calls.count("torch") == 8  # 8 x 0.25 s reaches 2 s
+    assert capsys.readouterr().out.splitlines()[-1].split(" | ")[4] == "2.00x"
