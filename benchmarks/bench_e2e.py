@@ -21,6 +21,12 @@ then the second of each, in an order that rotates), so that a machine whose spee
 them alike. The time is the median over the epochs after the first (which includes compilation,
 autotuning and capture), and ``ours faster by`` the median over those epochs of the peer's epoch
 / ours in the same turn; the accuracy table below the timings gives the first epoch too.
+
+"The same accuracy" is judged over seeds, not on one run: a seeded run's trajectory follows its
+roundings, and two trainings that sum in different orders end some tenths of a point apart
+either way. The last table trains the resident eager loop and ours for the timed cases' epochs
+from ACCURACY_SEEDS seeds (each seed: the same initial weights and batch order for both) and
+gives the mean of the per-seed differences with its standard error.
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ from ffnn.model import build, loss_function
 from ffnn.step import World, calls, capture_step, make_optimizer, make_step
 
 BATCH, LR, SEED = 64, 1e-3, 0
+ACCURACY_SEEDS = 10  # 2 in a --quick run
+EAGER = "resident eager + fused Adam"
 
 
 class E2EResults(Results):
@@ -52,7 +60,26 @@ class E2EResults(Results):
         for r in self.meta.get("runs", []):
             lines.append(f"| {r['case']} | {r['impl']} | {r['epochs']} | {r['first_epoch_s']:.3f} s | "
                          f"{100 * r['test_accuracy']:.2f}% |")
+        for seeds in self.meta.get("accuracy_over_seeds", []):
+            lines += ["", *accuracy_table(seeds)]
         return super().markdown() + "\n".join(lines) + "\n"
+
+
+def accuracy_table(seeds: dict) -> list[str]:
+    """Markdown lines of one case's accuracy over seeds (``seeds``: case, epochs, and per seed the
+    test accuracy of EAGER and OURS): a row per seed, then the means and the mean difference of
+    ours minus eager, with its standard error, in points."""
+    rows = seeds["rows"]
+    eager = [100 * r[EAGER] for r in rows]
+    ours = [100 * r[OURS] for r in rows]
+    differences = [o - e for o, e in zip(ours, eager)]
+    error = statistics.stdev(differences) / len(differences) ** 0.5 if len(differences) > 1 else float("nan")
+    lines = [f"{seeds['case']}: test accuracy after {seeds['epochs']} epochs from {len(rows)} seeds",
+             "", f"| seed | {EAGER} | {OURS} | ours - eager |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['seed']} | {e:.2f}% | {o:.2f}% | {d:+.2f} |" for r, e, o, d in zip(rows, eager, ours, differences)]
+    lines.append(f"| mean | {statistics.mean(eager):.2f}% | {statistics.mean(ours):.2f}% | "
+                 f"{statistics.mean(differences):+.2f} (standard error {error:.2f}) |")
+    return lines
 
 
 def _sync(device: torch.device) -> None:
@@ -60,9 +87,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _resident(impl: str, data: datasets.Data, device: torch.device, graph: bool = False, compiled: bool = False):
+def _resident(impl: str, data: datasets.Data, device: torch.device, graph: bool = False, compiled: bool = False,
+              seed: int = SEED):
     """(model, step(idx), loss_sum) of the device-resident loop, built as ffnn.train builds it."""
-    model = build(impl, (data.num_features, 128, 64, len(data.classes)), seed=SEED, device=device)
+    model = build(impl, (data.num_features, 128, 64, len(data.classes)), seed=seed, device=device)
     args = SimpleNamespace(lr=LR, weight_decay=None, impl=impl, optimizer="adam")
     optimizer = make_optimizer(args, model.parameters(), capturable=graph)
     loss_sum = torch.zeros((), device=device)
@@ -86,10 +114,10 @@ def _resident(impl: str, data: datasets.Data, device: torch.device, graph: bool 
     return model, step, loss_sum
 
 
-def _resident_epochs(step, loss_sum, data: datasets.Data, device: torch.device):
+def _resident_epochs(step, loss_sum, data: datasets.Data, device: torch.device, seed: int = SEED):
     """The loop's epochs, one per ``next()``: yields each one's seconds (a generator, so that the
     epochs of several implementations can take turns)."""
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator().manual_seed(seed)
     while True:
         batches = datasets.epoch_batches(len(data.train_y), BATCH, generator, device)
         _sync(device)
@@ -145,6 +173,24 @@ def _tutorial(data: datasets.Data, device: torch.device, epochs: int):
             running_loss += loss.item()
         times.append(time.perf_counter() - t0)
     return model, times
+
+
+def _accuracy_over_seeds(case: str, data: datasets.Data, device: torch.device, epochs: int, seeds: int,
+                         graph: bool) -> dict:
+    """The test accuracy of the resident eager loop and of ours after ``epochs`` epochs, from
+    seeds 0 .. seeds - 1 (for accuracy_table)."""
+    rows = []
+    for seed in range(seeds):
+        row = {"seed": seed}
+        for impl_name, impl, graphed in ((EAGER, "torch", False), (OURS, "fused", graph)):
+            model, step, loss_sum = _resident(impl, data, device, graph=graphed, seed=seed)
+            loop = _resident_epochs(step, loss_sum, data, device, seed=seed)
+            for _ in range(epochs):
+                next(loop)
+            row[impl_name] = evaluate_model(model, data.test_x, data.test_y, F.cross_entropy,
+                                            len(data.classes)).accuracy
+        rows.append(row)
+    return {"case": case, "epochs": epochs, "rows": rows}
 
 
 @contextlib.contextmanager
@@ -219,16 +265,19 @@ def run(device: torch.device, quick: bool = False) -> Results:
 
         model, times = _tutorial(data, device, 1 if quick and not on_cuda else epochs)
         record("tutorial DataLoader loop", model, times, samples=len(data.train_y))
-        peers = [("resident eager + fused Adam", "torch", False, False),
+        peers = [(EAGER, "torch", False, False),
                  ("torch.compile", "torch", False, True)]
         if on_cuda:
             peers.append(("CUDA graph of torch ops", "torch", True, False))
         peers.append((OURS, "fused", on_cuda, False))
         run_interleaved(peers, epochs)
+        results.meta.setdefault("accuracy_over_seeds", []).append(
+            _accuracy_over_seeds(case, data, device, epochs, 2 if quick else ACCURACY_SEEDS, graph=on_cuda))
+        print("\n".join(accuracy_table(results.meta["accuracy_over_seeds"][-1])), flush=True)
         if on_cuda:
             continue
         for case, context in ((f"{case}, 1 thread", _threads(1)), (f"{case}, beside one busy process", _busy_process())):
             with context:
-                run_interleaved([("resident eager + fused Adam", "torch", False, False), (OURS, "fused", False, False)],
+                run_interleaved([(EAGER, "torch", False, False), (OURS, "fused", False, False)],
                                 2 if quick else 3)
     return results

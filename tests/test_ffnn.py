@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -774,6 +775,34 @@ def test_benchmark_compare_interleaves_rounds_and_takes_the_median_ratio(monkeyp
     assert results.rows[1].note == "RuntimeError: cannot run this case"
     assert results.rows[2].speedup == 2.0 and results.rows[0].speedup is None
     assert "| case | peer | 2.000 s | 4.00 flop/s | 2.00x |" in results.markdown()
+
+
+def test_benchmark_e2e_accuracy_over_seeds(data_dir):
+    """The e2e benchmark's accuracy table: per seed, eager PyTorch and ours trained from that
+    seed's weights and batch order (the accuracies those runs reach, evaluated again here), and
+    the mean difference with its standard error."""
+    from benchmarks import bench_e2e
+    from ffnn.evaluate import evaluate_model
+
+    data = datasets.load("mnist", data_dir, download=False)
+    seeds = bench_e2e._accuracy_over_seeds("tiny", data, torch.device("cpu"), epochs=1, seeds=3, graph=False)
+    assert [r["seed"] for r in seeds["rows"]] == [0, 1, 2] and seeds["epochs"] == 1
+    for r in seeds["rows"]:
+        for impl_name, impl in ((bench_e2e.EAGER, "torch"), (bench_e2e.OURS, "fused")):
+            model, step, loss_sum = bench_e2e._resident(impl, data, torch.device("cpu"), seed=r["seed"])
+            next(bench_e2e._resident_epochs(step, loss_sum, data, torch.device("cpu"), seed=r["seed"]))
+            assert r[impl_name] == evaluate_model(model, data.test_x, data.test_y, torch.nn.functional.cross_entropy,
+                                                  10).accuracy
+    assert seeds["rows"][0][bench_e2e.EAGER] != seeds["rows"][1][bench_e2e.EAGER]  # the seeds differ
+
+    rows = [{"seed": 0, bench_e2e.EAGER: 0.870, bench_e2e.OURS: 0.875},
+            {"seed": 1, bench_e2e.EAGER: 0.868, bench_e2e.OURS: 0.866},
+            {"seed": 2, bench_e2e.EAGER: 0.872, bench_e2e.OURS: 0.878}]
+    table = bench_e2e.accuracy_table({"case": "c", "epochs": 5, "rows": rows})
+    differences = [0.5, -0.2, 0.6]
+    error = statistics.stdev(differences) / 3 ** 0.5
+    assert table[4] == "| 0 | 87.00% | 87.50% | +0.50 |"
+    assert table[-1] == f"| mean | 87.00% | 87.30% | +0.30 (standard error {error:.2f}) |"
 
 
 @pytest.mark.parametrize("module, args", [
