@@ -33,6 +33,7 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace kernels {
@@ -114,13 +115,44 @@ KERNELS_INLINE void vstore(T* p, Vec<T, VB> v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
+// Lane t of the result is lane Lanes::of(t) of a and b side by side (L + i is b's lane i), for a
+// class Lanes whose static constexpr `of` gives the indices as compile-time constants: clang's
+// __builtin_shufflevector takes them one by one, GCC's __builtin_shuffle as a vector (GCC has the
+// former only from version 12, so it keeps the latter).
+template <class Lanes, class T, int VB, size_t... t>
+KERNELS_INLINE Vec<T, VB> vshuffle(Vec<T, VB> a, Vec<T, VB> b, std::index_sequence<t...>) {
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, Lanes::of(int(t))...);
+#else
+  using Index = Vec<std::conditional_t<sizeof(T) == 8, int64_t, int32_t>, VB>;
+  constexpr Index mask{Lanes::of(int(t))...};
+  return __builtin_shuffle(a, b, mask);
+#endif
+}
+
+template <class Lanes, class T, int VB>
+KERNELS_INLINE Vec<T, VB> vshuffle(Vec<T, VB> a, Vec<T, VB> b) {
+  return vshuffle<Lanes, T, VB>(a, b, std::make_index_sequence<lanes<T, VB>>{});
+}
+
+struct LaneZero {
+  static constexpr int of(int) { return 0; }
+};
+
 // Every lane x, spelled as a shuffle of lane 0 so that it compiles to one broadcast (from
 // memory when x was just loaded). `Vec{} + x` would also add +0.0, which the compiler may not
 // drop (it turns -0.0 into +0.0): an add and a register broadcast on the FMA ports per splat.
+// GCC keeps its one-operand shuffle of the vector literal: through vshuffle it no longer folds
+// the broadcast into the FMAs of the outer-product kernels (csrc/linear.cpp).
 template <class T, int VB>
 KERNELS_INLINE Vec<T, VB> vsplat(T x) {
+#if defined(__clang__)
+  const Vec<T, VB> v{x};
+  return vshuffle<LaneZero, T, VB>(v, v);
+#else
   using Index = Vec<std::conditional_t<sizeof(T) == 8, int64_t, int32_t>, VB>;
   return __builtin_shuffle(Vec<T, VB>{x}, Index{});
+#endif
 }
 
 template <class T, int VB>

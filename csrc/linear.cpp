@@ -86,24 +86,18 @@ struct ForwardTile {
   static constexpr int NR = 4;
 };
 
-// Lane masks for fold(): index sequence -> Vec of integer shuffle indices.
-template <class T>
-using lane_index_t = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
-
-template <class T, int VB, int S, bool HI, size_t... t>
-constexpr Vec<lane_index_t<T>, VB> fold_mask(std::index_sequence<t...>) {
-  constexpr int L = lanes<T, VB>;
-  // Within each segment of 2S lanes: the first S lanes take a's half, the last S lanes b's.
-  return Vec<lane_index_t<T>, VB>{lane_index_t<T>(
-      (int(t) % (2 * S) < S ? 0 : L) + int(t) / (2 * S) * (2 * S) + int(t) % S + (HI ? S : 0))...};
-}
+// fold()'s lanes: within each segment of 2S lanes, the first S take a's half (the low one, or
+// the high one with HI), the last S b's.
+template <int L, int S, bool HI>
+struct FoldLanes {
+  static constexpr int of(int t) { return (t % (2 * S) < S ? 0 : L) + t / (2 * S) * (2 * S) + t % S + (HI ? S : 0); }
+};
 
 // For each segment of 2S lanes: [a_lo + a_hi, b_lo + b_hi] where lo/hi are its S-lane halves.
 template <int S, class T, int VB>
 KERNELS_INLINE Vec<T, VB> fold(Vec<T, VB> a, Vec<T, VB> b) {
-  constexpr auto lo = fold_mask<T, VB, S, false>(std::make_index_sequence<lanes<T, VB>>{});
-  constexpr auto hi = fold_mask<T, VB, S, true>(std::make_index_sequence<lanes<T, VB>>{});
-  return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+  constexpr int L = lanes<T, VB>;
+  return vshuffle<FoldLanes<L, S, false>, T, VB>(a, b) + vshuffle<FoldLanes<L, S, true>, T, VB>(a, b);
 }
 
 // v[0..L) -> one vector whose lane j is the horizontal sum of v[j].
@@ -209,26 +203,23 @@ struct OuterTile {
 // NV vectors, 24 KiB for float with AVX-512) stays in L1 while every tile of A streams past it.
 constexpr int64_t kReductionBlock = 128;
 
-// Lane indices of one stage of an L x L transpose held as L row vectors: rows r and r + H
-// (r & H == 0) swap their off-diagonal blocks of H lanes. The stages H = L/2, ..., 1 together
-// transpose the square.
-template <class T, int VB, int H, bool SECOND, size_t... t>
-constexpr Vec<lane_index_t<T>, VB> block_swap_mask(std::index_sequence<t...>) {
-  constexpr int L = lanes<T, VB>;
-  return Vec<lane_index_t<T>, VB>{lane_index_t<T>(
-      SECOND ? (int(t) & H ? L + int(t) : int(t) + H) : (int(t) & H ? L + int(t) - H : int(t)))...};
-}
+// The lanes of one stage of an L x L transpose held as L row vectors: rows r and r + H
+// (r & H == 0) swap their off-diagonal blocks of H lanes (row r takes FIRST's, row r + H the
+// other's). The stages H = L/2, ..., 1 together transpose the square.
+template <int L, int H, bool FIRST>
+struct BlockSwapLanes {
+  static constexpr int of(int t) { return FIRST ? (t & H ? L + t - H : t) : (t & H ? L + t : t + H); }
+};
 
 template <int H, class T, int VB>
 KERNELS_INLINE void transpose_square(Vec<T, VB>* v) {
   if constexpr (H >= 1) {
-    constexpr auto first = block_swap_mask<T, VB, H, false>(std::make_index_sequence<lanes<T, VB>>{});
-    constexpr auto second = block_swap_mask<T, VB, H, true>(std::make_index_sequence<lanes<T, VB>>{});
-    for (int r = 0; r < lanes<T, VB>; ++r)
+    constexpr int L = lanes<T, VB>;
+    for (int r = 0; r < L; ++r)
       if (!(r & H)) {
         const Vec<T, VB> a = v[r], b = v[r + H];
-        v[r] = __builtin_shuffle(a, b, first);
-        v[r + H] = __builtin_shuffle(a, b, second);
+        v[r] = vshuffle<BlockSwapLanes<L, H, true>, T, VB>(a, b);
+        v[r + H] = vshuffle<BlockSwapLanes<L, H, false>, T, VB>(a, b);
       }
     transpose_square<H / 2, T, VB>(v);
   }
