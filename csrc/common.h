@@ -119,13 +119,15 @@ KERNELS_INLINE void vstore(T* p, Vec<T, VB> v) {
 // class Lanes whose static constexpr `of` gives the indices as compile-time constants: clang's
 // __builtin_shufflevector takes them one by one, GCC's __builtin_shuffle as a vector (GCC has the
 // former only from version 12, so it keeps the latter).
+template <class T, int VB>
+using ShuffleIndex = Vec<std::conditional_t<sizeof(T) == 8, int64_t, int32_t>, VB>;  // GCC's mask type
+
 template <class Lanes, class T, int VB, size_t... t>
 KERNELS_INLINE Vec<T, VB> vshuffle(Vec<T, VB> a, Vec<T, VB> b, std::index_sequence<t...>) {
 #if defined(__clang__)
   return __builtin_shufflevector(a, b, Lanes::of(int(t))...);
 #else
-  using Index = Vec<std::conditional_t<sizeof(T) == 8, int64_t, int32_t>, VB>;
-  constexpr Index mask{Lanes::of(int(t))...};
+  constexpr ShuffleIndex<T, VB> mask{Lanes::of(int(t))...};
   return __builtin_shuffle(a, b, mask);
 #endif
 }
@@ -150,8 +152,7 @@ KERNELS_INLINE Vec<T, VB> vsplat(T x) {
   const Vec<T, VB> v{x};
   return vshuffle<LaneZero, T, VB>(v, v);
 #else
-  using Index = Vec<std::conditional_t<sizeof(T) == 8, int64_t, int32_t>, VB>;
-  return __builtin_shuffle(Vec<T, VB>{x}, Index{});
+  return __builtin_shuffle(Vec<T, VB>{x}, ShuffleIndex<T, VB>{});
 #endif
 }
 
