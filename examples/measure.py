@@ -55,15 +55,15 @@ def main(argv=None) -> None:
         what, on_images, result = SYSTEMS[name]
         data = ["--dataset", args.dataset] if on_images else []
         runs = {"fused": [], "torch": []}
-        seconds = {"fused": [], "torch": []}
         turn = 0
-        while turn < args.repeat or (turn < MAX_TURNS and min(map(sum, seconds.values())) < args.min_seconds):
+        while turn < args.repeat or (turn < MAX_TURNS and min(sum(r["seconds"] for r in done) for done in runs.values())
+                                     < args.min_seconds):
             for impl in ("fused", "torch") if turn % 2 == 0 else ("torch", "fused"):
                 with contextlib.redirect_stdout(io.StringIO()):
                     runs[impl].append(importlib.import_module(f"examples.{name}").main(
                         ["--device", args.device, *data, "--impl", impl]))
-                seconds[impl].append(runs[impl][-1]["seconds"])
             turn += 1
+        seconds = {impl: [r["seconds"] for r in done] for impl, done in runs.items()}
         speedup = statistics.median(t / f for f, t in zip(seconds["fused"], seconds["torch"]))
         command = f"`python -m examples.{name}{''.join(' ' + a for a in data)}`"
         print(f"| {what} | {command} | {statistics.median(seconds['fused']):.2f} s | "
