@@ -157,6 +157,7 @@ class GroupTable:
         self.group, self.params, self.num_params = group, group["params"], len(group["params"])
         self.options = optimizer.table_options(group)
         self.layout = optimizer.layout
+        self.grad_field = self.layout.index("grad")  # where a row holds its gradient's address
         self.state = optimizer.state
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self.backend = backend_for(self.device)
@@ -248,9 +249,8 @@ class GroupTable:
             for slot, g, address in zip(self.row_slots, grads, addresses):
                 # the row as last made would keep the old gradient alive and name its address
                 slot.grad, slot.grad_address, slot.entry = g, address, None
-            grad_field = self.layout.index("grad")
             for table, slots in zip(self.tables, self.table_slots):
-                self.set_gradients(table, grad_field, [slot.grad_address for slot in slots])
+                self.set_gradients(table, self.grad_field, [slot.grad_address for slot in slots])
         else:
             for slot, g, address in zip(self.row_slots, grads, addresses):
                 slot.grad, slot.grad_address, slot.entry = g, address, slot.with_gradient(g, address)
@@ -277,12 +277,12 @@ class GroupTable:
 
     def _make_rows(self, gradients_only: bool = False) -> None:
         """The backend tables, one per parameter dtype, from the slots' current gradients (with
-        ``gradients_only``, from each slot's previous entry with only its gradient replaced)."""
+        ``gradients_only``, from each slot's previous entry, where it has one, with only its
+        gradient replaced)."""
         buckets: dict[torch.dtype, list[_Slot]] = {}
         self.grad_copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, gradient): copied before each launch
         self.first_steps = False
         layout = self.layout
-        grad_field = layout.index("grad")
         for slot in self.slots:
             g = slot.grad
             if g is None:
@@ -300,7 +300,7 @@ class GroupTable:
             # what a new gradient must match for _swap_gradients to put its address in this row
             slot.grad_form = None if p.is_complex() or g is not slot.grad else \
                 (p.dtype, p.shape, p.stride(), p.is_cpu, p.get_device())
-            slot.row_head, slot.row_tail = entry.row[:grad_field], entry.row[grad_field + 1:]
+            slot.row_head, slot.row_tail = entry.row[:self.grad_field], entry.row[self.grad_field + 1:]
             self.first_steps |= bool(slot.fields.get("first_step"))
             buckets.setdefault(entry.tensors["param"].dtype, []).append(slot)
         self.table_slots = list(buckets.values())  # the slots of each table's rows, in order
