@@ -115,13 +115,13 @@ KERNELS_INLINE void vstore(T* p, Vec<T, VB> v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
+template <class T, int VB>
+using ShuffleIndex = Vec<std::conditional_t<sizeof(T) == 8, int64_t, int32_t>, VB>;  // GCC's mask type
+
 // Lane t of the result is lane Lanes::of(t) of a and b side by side (L + i is b's lane i), for a
 // class Lanes whose static constexpr `of` gives the indices as compile-time constants: clang's
 // __builtin_shufflevector takes them one by one, GCC's __builtin_shuffle as a vector (GCC has the
 // former only from version 12, so it keeps the latter).
-template <class T, int VB>
-using ShuffleIndex = Vec<std::conditional_t<sizeof(T) == 8, int64_t, int32_t>, VB>;  // GCC's mask type
-
 template <class Lanes, class T, int VB, size_t... t>
 KERNELS_INLINE Vec<T, VB> vshuffle(Vec<T, VB> a, Vec<T, VB> b, std::index_sequence<t...>) {
 #if defined(__clang__)
