@@ -82,9 +82,9 @@ template <class T, int VB>
 struct ForwardTile {
   // Enough independent accumulators to keep both FMA pipes busy through the FMA latency (8
   // chains), within the vector registers. AVX-512's 32 registers hold 16 accumulators plus the
-  // operands. AVX2's 16 hold 12 (3 x 4), the 3 vectors of x and W as a memory operand of each
-  // FMA: 2 x 4's 8 chains ran at 55 % of the FMA peak and 3 x 4 runs at 80 % (1.24-1.42x at
-  // the MLP's shapes, one thread, AMD Zen 5). Without FMA (SSE2) a multiply and an add need
+  // operands. AVX2's 16 hold 12 (3 x 4) plus x's 3 vectors and one of W's at a time: 2 x 4's
+  // 8 chains ran at 55 % of the FMA peak and 3 x 4 runs at 80 % (1.24-1.42x at the MLP's
+  // shapes, one thread, AMD Zen 5). Without FMA (SSE2) a multiply and an add need
   // temporaries, and 2 x 4 is fastest (3 x 4 ran 0.71-0.95x). The fold works on groups of L
   // accumulators; where MR * NR is not a multiple of L the last group is padded with zeros.
   static constexpr int MR = VB == 64 ? 4 : VB == 32 ? 3 : 2;
