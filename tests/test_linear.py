@@ -127,10 +127,11 @@ def test_cpp_blocking_boundaries(shape, dtype, threads):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_every_cpu_isa(cpu_isa, dtype):
     """The AVX-512, AVX2 and portable builds of the C++ kernels, each against nn.Linear: every
-    activation, ragged tiles, the copied tiles of K = 1024, and (66, 64, 40): with two threads
-    the forward splits its rows at 32, inside a tile of AVX2's 3 rows."""
+    activation, ragged tiles, the copied tiles of K = 1024, (66, 64, 40): with two threads the
+    forward splits its rows at 32, inside a tile of AVX2's 3 rows, and (160, 40, 140): backward
+    reductions longer than one block, so both GEMMs add to tiles they stored before."""
     for shape, activation in [((37, 70, 21), "relu"), ((9, 20, 7), "sigmoid"), ((5, 33, 3), "tanh"),
-                              ((40, 1024, 30), "none"), ((66, 64, 40), "relu")]:
+                              ((40, 1024, 30), "none"), ((66, 64, 40), "relu"), ((160, 40, 140), "tanh")]:
         x, w, b = make(*shape, device="cpu", dtype=dtype)
         check_against_nn(x, w, b, activation)
 
