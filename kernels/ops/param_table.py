@@ -219,10 +219,11 @@ class GroupTable:
                                              f"{g.data_ptr():#x} (was {s.grad_address:#x})")
         return status, change
 
-    def update_gradients(self, optimizer: FusedOptimizer, index: int) -> None:
-        """Makes the rows again for new gradient tensors (after changes() found GRADIENTS): each
-        row as it was, with its new gradient."""
-        if not self._swap_gradients(list(map(_grad_of, self.row_params))):
+    def update_gradients(self, optimizer: FusedOptimizer, index: int, grads: list | None = None) -> None:
+        """Makes the rows again for new gradient tensors (after quick_status or changes found
+        GRADIENTS): each row as it was, with its new gradient. ``grads``: the gradients of the
+        rows' parameters, as quick_status read them."""
+        if not self._swap_gradients(list(map(_grad_of, self.row_params)) if grads is None else grads):
             for i, slot in enumerate(self.slots):
                 if slot.grad is not None:
                     self._set_grad(slot, slot.param.grad, lambda: f"{type(optimizer).__name__}: parameter {i} of group {index}")
@@ -249,8 +250,9 @@ class GroupTable:
             for slot, g, address in zip(self.row_slots, grads, addresses):
                 # the row as last made would keep the old gradient alive and name its address
                 slot.grad, slot.grad_address, slot.entry = g, address, None
-            for table, slots in zip(self.tables, self.table_slots):
-                self.set_gradients(table, self.grad_field, [slot.grad_address for slot in slots])
+            for table, positions in zip(self.tables, self.table_positions):
+                self.set_gradients(table, self.grad_field,
+                                   addresses if positions is None else [addresses[i] for i in positions])
         else:
             for slot, g, address in zip(self.row_slots, grads, addresses):
                 slot.grad, slot.grad_address, slot.entry = g, address, slot.with_gradient(g, address)
@@ -304,6 +306,10 @@ class GroupTable:
             self.first_steps |= bool(slot.fields.get("first_step"))
             buckets.setdefault(entry.tensors["param"].dtype, []).append(slot)
         self.table_slots = list(buckets.values())  # the slots of each table's rows, in order
+        # where each table's rows are among all the rows (None: it has them all, in order)
+        rows = [slot for slot in self.slots if slot.grad is not None]
+        self.table_positions = [None if slots == rows else [rows.index(slot) for slot in slots]
+                                for slots in self.table_slots]
         self.tables = [self.implementation.table([slot.entry for slot in slots], self.device)
                        for slots in self.table_slots]
         self._remember(gradients_only)
@@ -333,10 +339,11 @@ class GroupTable:
         current)."""
         self.state_keys_seen, self.state_values_seen = list(self.state.keys()), list(self.state.values())
 
-    def quick_status(self, optimizer: FusedOptimizer, group: dict) -> int | None:
-        """CURRENT or GRADIENTS where ``changes`` would find that, else None (then ``changes`` says
-        what changed): the same conditions, compared list at a time (a few microseconds for a group
-        of any model's size), so that steps after ``zero_grad(set_to_none=True)`` stay cheap too."""
+    def quick_status(self, optimizer: FusedOptimizer, group: dict) -> tuple[int | None, list | None]:
+        """(CURRENT, None) or (GRADIENTS, the rows' new gradients) where ``changes`` would find
+        that, else (None, None) (then ``changes`` says what changed): the same conditions, compared
+        list at a time (a few microseconds for a group of any model's size), so that steps after
+        ``zero_grad(set_to_none=True)`` stay cheap too."""
         params = self.row_params
         if not (group is self.group and group["params"] is self.params and len(self.params) == self.num_params
                 and optimizer.state is self.state and optimizer.table_options(group) == self.options
@@ -347,11 +354,11 @@ class GroupTable:
                 and all(map(is_, self.state.values(), self.state_values_seen))
                 and all(map(is_, map(dict.get, self.state_dicts, self.state_names), self.state_tensors))
                 and (not self.rowless_params or all(g is None for g in map(_grad_of, self.rowless_params)))):
-            return None
+            return None, None
         grads = list(map(_grad_of, params))
         if all(map(is_, grads, self.row_grads)) and list(map(_data_ptr, grads)) == self.row_grad_addresses:
-            return CURRENT
-        return None if any(g is None for g in grads) else GRADIENTS
+            return CURRENT, None
+        return (None, None) if any(g is None for g in grads) else (GRADIENTS, grads)
 
     def launched(self) -> None:
         """After a launch: the kernels have cleared their first_step flags; so do the slots."""
@@ -500,10 +507,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         table = self._tables.get(index)
         capturing = (table.cuda if table is not None else bool(group["params"]) and group["params"][0].is_cuda) \
             and torch.cuda.is_current_stream_capturing()
+        grads = None
         if table is None:
             status, change = STALE, "there was no table yet"
         else:
-            status = table.quick_status(self, group)
+            status, grads = table.quick_status(self, group)
             if status is None or (capturing and status != CURRENT):  # what changed, in words, if anything
                 status, change = table.changes(self, group)
                 if status == CURRENT:  # only the states of other groups' parameters came or went
@@ -519,7 +527,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if status == STALE:
                 table = self._tables[index] = GroupTable(self, index, group)
             else:
-                table.update_gradients(self, index)
+                table.update_gradients(self, index, grads)
         if capturing:
             if not group.get("capturable", False):
                 raise RuntimeError(f"Attempting CUDA graph capture of step() for an instance of "
