@@ -17,8 +17,9 @@ compute something else in its ``forward``):
 * every other ``nn.Linear``: ``FusedLinear(activation="none")``, e.g. the ``fc1``/``fc2``/``fc3``
   attributes of a model whose ``forward`` applies ``F.relu`` itself (which stays as written);
 * every ``nn.CrossEntropyLoss``: ``FusedCrossEntropyLoss`` with the same ``weight`` (the same
-  tensor), ``ignore_index``, ``reduction`` and ``label_smoothing``. It takes class-index targets
-  only; soft (probability) targets raise an error naming the target dtype.
+  tensor), ``ignore_index``, ``reduction`` and ``label_smoothing``. It takes what the module it
+  replaces takes: class-index targets run the fused kernel, for (N, C), (C,) and (N, C, d1, ...)
+  logits alike; targets of class probabilities run ``F.cross_entropy`` itself.
 
 The replacements hold the very Parameter objects of the replaced modules (an optimizer built
 before ``fuse`` keeps working) and have nn.Linear's parameter names, and the activations hold

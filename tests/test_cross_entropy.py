@@ -137,6 +137,68 @@ def test_unbatched(backend, reduction):
            label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("ignore", [False, True], ids=["", "ignore"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_k_dimensional(backend, reduction, ignore):
+    """(N, C, d1, ..., dk) logits with (N, d1, ..., dk) targets, as nn.CrossEntropyLoss takes them
+    (a sequence or an image of positions, each a row of C logits): loss ("none": the target's
+    shape) and gradient, with weights and smoothing, one and two extra axes."""
+    dtype = _dtype(backend)
+    dev = backend.device
+    for shape in [(4, 11, 3), (2, 7, 3, 5), (3, 6, 1)]:
+        logits = (torch.randn(shape, dtype=torch.float64) * 3).to(dev, dtype)
+        target = torch.randint(0, shape[1], (shape[0], *shape[2:]), device=dev)
+        if ignore:
+            target.view(-1)[::4] = -100
+        weight = torch.rand(shape[1], dtype=dtype, device=dev) + 0.1
+        _check(logits, target, weight=weight, reduction=reduction, label_smoothing=0.1)
+        _check(logits, target, reduction=reduction)
+
+
+def test_k_dimensional_retain_graph_double_backward_and_inplace(backend):
+    """The paths that compute the gradient again from the logits move their class axis as the
+    first one did; inplace_backward writes over the class-last copy, so the caller's logits keep
+    their values and the gradient is still right."""
+    dtype = _dtype(backend)
+    logits = torch.randn(3, 6, 4, dtype=dtype, device=backend.device)
+    target = torch.randint(0, 6, (3, 4), device=backend.device)
+    x, ref = logits.clone().requires_grad_(), logits.double().clone().requires_grad_()
+    loss = kernels.cross_entropy(x, target, label_smoothing=0.1)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    F.cross_entropy(ref, target, label_smoothing=0.1).backward()
+    torch.testing.assert_close(x.grad.double(), 2 * ref.grad, **TOL[dtype])
+    g, = torch.autograd.grad(kernels.cross_entropy(x, target), x, create_graph=True)
+    g_ref, = torch.autograd.grad(F.cross_entropy(ref, target), ref, create_graph=True)
+    h, = torch.autograd.grad((g * g).sum(), x)
+    h_ref, = torch.autograd.grad((g_ref * g_ref).sum(), ref)
+    torch.testing.assert_close(h.double(), h_ref, **TOL[dtype])
+    y = logits.clone().requires_grad_()
+    kernels.FusedCrossEntropyLoss(inplace_backward=True)(y, target).backward()
+    torch.testing.assert_close(y.grad.double(), torch.autograd.grad(F.cross_entropy(ref, target), ref)[0], **TOL[dtype])
+    assert torch.equal(y.detach(), logits)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_probability_targets(backend, reduction):
+    """Targets of class probabilities (floating, shaped like the logits) are computed by
+    F.cross_entropy itself: the same loss and gradient, through the function, the module and a
+    criterion converted by kernels.fuse."""
+    dtype = _dtype(backend)
+    dev = backend.device
+    for shape in [(5, 9), (9,), (2, 9, 3)]:
+        logits = torch.randn(shape, dtype=dtype, device=dev)
+        probs = torch.softmax(torch.randn(shape, dtype=dtype, device=dev), dim=0 if len(shape) == 1 else 1)
+        weight = torch.rand(9, dtype=dtype, device=dev) + 0.1
+        kw = dict(weight=weight, reduction=reduction, label_smoothing=0.2)
+        want = _run(F.cross_entropy, logits, probs, **kw)
+        for fn in (kernels.cross_entropy, kernels.FusedCrossEntropyLoss(**kw),
+                   kernels.fuse(nn.CrossEntropyLoss(**kw))):
+            got = _run(fn, logits, probs, **(kw if fn is kernels.cross_entropy else {}))
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b)
+
+
 def test_upstream_gradient(backend):
     """grad_output != 1: a scaled mean, a random per-row upstream gradient, and the expanded
     (stride 0) ones that loss.sum() hands to a "none" reduction."""
@@ -510,9 +572,7 @@ def test_bad_arguments(backend):
     logits = torch.randn(4, 10, dtype=dtype, device=dev)
     target = torch.randint(0, 10, (4,), device=dev)
     ce = kernels.cross_entropy
-    with pytest.raises(TypeError, match="class indices"):
-        ce(logits, target.to(dtype))
-    with pytest.raises(TypeError, match="class indices"):
+    with pytest.raises(TypeError, match="class indices .* or class probabilities"):
         ce(logits, target > 4)
     with pytest.raises(TypeError, match="target must be a torch.Tensor"):
         ce(logits, [1, 2, 3, 4])
@@ -526,8 +586,11 @@ def test_bad_arguments(backend):
         ce(logits, target[:, None])
     with pytest.raises(ValueError, match="does not match"):
         ce(logits[0], target[:1])
-    with pytest.raises(ValueError, match="dimension"):
+    with pytest.raises(ValueError, match=r"target of shape \(4,\) does not match logits of shape \(1, 4, 10\) "
+                                         r"\(expected \(1, 10\)\)"):
         ce(logits[None], target)
+    with pytest.raises(ValueError, match="1 or more dimensions"):
+        ce(logits[0, 0], target[0])
     with pytest.raises(ValueError, match=r"weight must have one entry per class, shape \(10,\), got \(9,\)"):
         ce(logits, target, weight=torch.ones(9, dtype=dtype, device=dev))
     with pytest.raises(TypeError, match="weight has dtype"):

@@ -1,8 +1,11 @@
 """Fused softmax cross-entropy: ``kernels.cross_entropy`` and ``kernels.FusedCrossEntropyLoss``.
 
-The semantics are ``F.cross_entropy`` / ``nn.CrossEntropyLoss`` with class-index targets. For a
-row x of C logits with target t, class weights w (all ones without ``weight``) and label
-smoothing eps, PyTorch's loss is::
+The semantics are ``F.cross_entropy`` / ``nn.CrossEntropyLoss``. The kernels take rows of C
+logits with class-index targets: (N, C) logits, (C,) as one row, and (N, C, d1, ..., dk) as
+N * d1 * ... * dk rows (the class axis moved last, a copy unless it already is). Targets of class
+probabilities (floating, shaped like the logits) run PyTorch's own ``F.cross_entropy``: there is
+no fused kernel for them. For a row x of C logits with target t, class weights w (all ones
+without ``weight``) and label smoothing eps, PyTorch's loss is::
 
     loss = (1 - eps) w_t (lse - x_t) + eps/C sum_c w_c (lse - x_c),    lse = log sum_c exp(x_c)
 
@@ -32,6 +35,7 @@ import operator
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels._dispatch import backend_for, check_same, check_tensor, implementation
@@ -46,8 +50,11 @@ INT64 = torch.iinfo(torch.int64)
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
                   inplace_backward: bool = False) -> torch.Tensor:
-    """``F.cross_entropy(logits, target, weight, ignore_index=..., reduction=..., label_smoothing=...)``
-    for class-index targets, fused: logits (N, C) or (C,), target (N,) or () of integers.
+    """``F.cross_entropy(logits, target, weight, ignore_index=..., reduction=..., label_smoothing=...)``,
+    fused for class-index targets: logits (N, C), (C,) or (N, C, d1, ..., dk) with targets (N,),
+    () or (N, d1, ..., dk) of integers; "none" returns the target's shape. Floating targets (class
+    probabilities, shaped like the logits) are computed by ``F.cross_entropy`` itself, where
+    ``inplace_backward`` has no effect.
 
     The loss is computed in float32 (float64 for float64 logits) from ``x - max(x)``, as
     log_softmax is, and returned in the logits' dtype. Backends: Triton on CUDA (float32,
@@ -85,12 +92,14 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     other than C), devices, an unknown reduction, label_smoothing outside [0, 1], an
     ``ignore_index`` outside int64.
     """
+    if isinstance(target, torch.Tensor) and target.is_floating_point():  # class probabilities
+        return F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=label_smoothing)
     backend, ignore_index, label_smoothing = _check(logits, target, weight, ignore_index, reduction, label_smoothing)
-    unbatched = logits.dim() == 1
-    x = logits.contiguous()
-    if unbatched:
-        x, target = x.unsqueeze(0), target.reshape(1)
-    target = target.contiguous()  # a strided or expanded target (labels[:, 0], t.expand(n)) as dense
+    shape = target.shape  # the loss's with "none"
+    x = _as_rows(logits)
+    # one row's target each, dense (a strided or expanded one: labels[:, 0], t.expand(n))
+    target = (target if target.dim() == 1 else target.reshape(-1)).contiguous()
     if weight is not None:
         weight = weight.contiguous()
     if torch.is_grad_enabled() and logits.requires_grad:
@@ -99,26 +108,37 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
                                           inplace_backward, backend, source)
     else:  # nothing to differentiate: no gradient is computed
         loss = _loss_only(x, target, weight, ignore_index, label_smoothing, reduction, backend)
-    return loss.view(()) if unbatched and reduction == "none" else loss
+    return loss.view(shape) if reduction == "none" else loss
+
+
+def _as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(C,), (N, C) or (N, C, d1, ..., dk) logits as the contiguous (rows, C) the kernels take."""
+    if logits.dim() == 2:  # the common case, without a reshape's 0.3 us
+        return logits.contiguous()
+    if logits.dim() > 2:
+        logits = logits.movedim(1, -1)
+    return logits.reshape(-1, logits.shape[-1]).contiguous()
 
 
 def _check(logits, target, weight, ignore_index, reduction, label_smoothing) -> tuple[str, int, float]:
     """Validates the arguments of ``cross_entropy``; returns (backend, ignore_index, label_smoothing)
     as the kernels take them."""
     backend = backend_for(logits) if isinstance(logits, torch.Tensor) else None
-    check_tensor(OP, "logits", logits, backend=backend, dim=(1, 2))
+    check_tensor(OP, "logits", logits, backend=backend)
+    if logits.dim() == 0:
+        raise ValueError(f"{OP}: logits must have 1 or more dimensions ((C,), (N, C) or (N, C, d1, ...)), got a scalar")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{OP}: target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype not in INDEX_DTYPES:
-        kind = "; class probabilities (floating targets) are not supported" if target.is_floating_point() else ""
-        raise TypeError(f"{OP}: target must hold class indices (an integer dtype), got {target.dtype}{kind}")
-    want = () if logits.dim() == 1 else (logits.shape[0],)
+        raise TypeError(f"{OP}: target must hold class indices (an integer dtype) or class probabilities (a "
+                        f"floating dtype), got {target.dtype}")
+    want = () if logits.dim() == 1 else (logits.shape[0], *logits.shape[2:])
     if target.shape != want:
         raise ValueError(f"{OP}: target of shape {tuple(target.shape)} does not match logits of shape "
                          f"{tuple(logits.shape)} (expected {want})")
     if target.device != logits.device:
         raise ValueError(f"{OP}: target is on {target.device} but logits are on {logits.device}")
-    C = logits.shape[-1]
+    C = logits.shape[0 if logits.dim() == 1 else 1]
     if C == 0:
         raise ValueError(f"{OP}: logits have no classes (shape {tuple(logits.shape)})")
     if weight is not None:
@@ -211,7 +231,7 @@ def _recover(source: _WeakLogits | None, needed_by: str) -> torch.Tensor:
         raise RuntimeError(f"{OP}: {needed_by} computes the gradient again from the logits, but they are gone, "
                            "were modified or were overwritten by inplace_backward=True; keep a reference to the "
                            "logits, unchanged, until then (and do not use inplace_backward)")
-    return logits.reshape(-1, logits.shape[-1]).contiguous()
+    return _as_rows(logits)
 
 
 # The backend calls as custom ops, for torch.compile. An op returns tensors only, so a gradient
@@ -247,7 +267,7 @@ def _(grad, grad_output, backend):
 class FusedCrossEntropyLoss(nn.CrossEntropyLoss):
     """``nn.CrossEntropyLoss`` (same arguments, ``weight`` buffer and state_dict) computed by
     ``kernels.cross_entropy``; ``inplace_backward=True`` writes the gradient over the logits
-    (see ``cross_entropy``). Class-index targets only."""
+    (see ``cross_entropy``). Targets of class probabilities run ``F.cross_entropy`` itself."""
 
     def __init__(self, weight: torch.Tensor | None = None, size_average=None, ignore_index: int = -100,
                  reduce=None, reduction: str = "mean", label_smoothing: float = 0.0,
