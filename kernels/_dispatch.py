@@ -9,9 +9,11 @@ and ``backward``, or ``step``):
     kernels/reference/<op>.py   plain PyTorch: the fallback for any other device
 
 ``implementation(op, tensor)`` is the one table that picks among them. The tensor's device
-decides (CUDA -> "triton", CPU -> "cpu", anything else -> "torch"), unless a backend is forced:
+decides (CUDA -> "triton", CPU -> "cpu", anything else -> "torch"), and a floating dtype that
+the device's kernels do not compute (bfloat16 and float16 on the CPU) goes to "torch", which runs
+PyTorch's own ops as they would run without this library; unless a backend is forced:
 ``KERNELS_BACKEND`` (read once, at import) or ``kernels.set_backend`` / ``kernels.use_backend``
-at run time.
+at run time, when a tensor of a dtype that backend lacks is an error.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def _parse(name: str | None) -> str | None:
 
 
 _forced: str | None = _parse(os.environ.get("KERNELS_BACKEND"))
-_chosen: dict[tuple[str | None, str], str] = {}  # (forced, device type) -> backend
+_chosen: dict[tuple, str] = {}  # (forced, device type, dtype or None) -> backend
 _modules: dict[tuple[str, str], ModuleType] = {}  # (op, backend) -> module
 
 
@@ -74,19 +76,28 @@ def use_backend(name: str | None):
         set_backend(previous)
 
 
-def backend_for(where: torch.device | torch.Tensor) -> str:
-    """The backend that runs an op on ``where``: a tensor, or the device its tensors live on."""
+def backend_for(where: torch.device | torch.Tensor, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs an op on ``where``: a tensor (its device and dtype), or a device
+    (with the tensors' ``dtype`` when given)."""
     if isinstance(where, torch.Tensor):  # is_cuda/is_cpu cost 40 ns, device.type 300
-        kind = "cuda" if where.is_cuda else "cpu" if where.is_cpu else where.device.type
+        key = (_forced, "cuda" if where.is_cuda else "cpu" if where.is_cpu else where.device.type, where.dtype)
     else:
-        kind = torch.device(where).type
-    backend = _chosen.get((_forced, kind))
-    if backend is None:  # asked on every call: worked out once per (setting, device type)
-        backend = _chosen[(_forced, kind)] = _choose(_forced, kind)
+        key = (_forced, torch.device(where).type, dtype)
+    backend = _chosen.get(key)
+    if backend is None:  # asked on every call: worked out once per (setting, device type, dtype)
+        backend = _chosen[key] = _choose(*key)
     return backend
 
 
-def _choose(forced: str | None, device_type: str) -> str:
+def _choose(forced: str | None, device_type: str, dtype: torch.dtype | None) -> str:
+    backend = _choose_for_device(forced, device_type)
+    if (forced is None and dtype is not None and dtype.is_floating_point and backend in SUPPORTED_DTYPES
+            and dtype not in SUPPORTED_DTYPES[backend]):
+        return "torch"
+    return backend
+
+
+def _choose_for_device(forced: str | None, device_type: str) -> str:
     if forced == "cpu" and device_type != "cpu":
         raise ValueError(f"backend 'cpu' runs the C++ kernels on CPU tensors only, got a {device_type} tensor")
     if forced == "triton" and device_type != "cuda" and not triton_interpreting():

@@ -732,12 +732,13 @@ def test_compiled_step_without_graph_break(cls):
 # GPU only
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_params_with_float32_states(dtype):
+def test_low_precision_params_with_float32_states(dtype, device):
     """bf16/fp16 parameters and gradients, float32 states: each step equals torch.optim.Adam
-    run on a float32 copy of the parameters, rounded back to the parameter dtype."""
-    init, grads = make_problem("cuda", shapes=[(1000, 37), (4097,), (3,)], steps=30)
+    run on a float32 copy of the parameters, rounded back to the parameter dtype. On the CPU,
+    whose kernels compute float32 and float64, such a group runs the torch backend."""
+    init, grads = make_problem(device, shapes=[(1000, 37), (4097,), (3,)], steps=30)
     params = [p.to(dtype).requires_grad_() for p in init]
     opt = FusedAdam(params, lr=LR, weight_decay=0.01, amsgrad=True)
     masters = [p.detach().float().requires_grad_() for p in params]
@@ -751,6 +752,7 @@ def test_low_precision_params_with_float32_states(dtype):
         reference.step()
         for p, m in zip(params, masters):
             torch.testing.assert_close(p.detach(), m.detach().to(dtype), atol=0, rtol=2 ** -7)
+    assert opt._tables[0].backend == ("torch" if device == "cpu" else "triton")
     for p, m in zip(params, masters):
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             assert opt.state[p][key].dtype == torch.float32

@@ -639,6 +639,17 @@ def test_reductions_restated_in_cpp():
     assert tuple(_C.cross_entropy_reductions) == REDUCTIONS == ("none", "sum", "mean")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_on_the_cpu_runs_pytorch(dtype):
+    """bf16/fp16 CPU logits, which the C++ kernels do not compute, run the torch backend unless a
+    backend is forced: loss and gradient as F.cross_entropy's (in float64) within the dtype's
+    rounding."""
+    logits, target = _inputs(16, 37, "cpu", dtype, ignore=True)
+    assert kernels.backend_for(logits) == "torch"
+    _check(logits, target, weight=(torch.rand(37) + 0.5).to(dtype), label_smoothing=0.1)
+    _check(logits, target, reduction="none")
+
+
 def test_cpu_backend_dtypes(monkeypatch):
     kernels.set_backend("cpu")
     with pytest.raises(TypeError, match="float32, float64"):

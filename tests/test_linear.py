@@ -450,6 +450,30 @@ def test_errors(backend):
         kernels.linear(x.long(), w.long(), b.long())
 
 
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_on_the_cpu_runs_pytorch(dtype, activation):
+    """bf16/fp16 CPU tensors, which the C++ kernels do not compute, run PyTorch's own ops (the
+    torch backend) unless a backend is forced: FusedLinear equals nn.Linear + activation there,
+    output and gradients, as it would run without this library."""
+    torch.manual_seed(0)
+    ours = kernels.FusedLinear(96, 80, activation=activation, dtype=dtype)
+    theirs = nn.Linear(96, 80, dtype=dtype)
+    theirs.load_state_dict(ours.state_dict())
+    act = {"relu": torch.relu, "tanh": torch.tanh}[activation]
+    x = torch.randn(64, 96, dtype=dtype)
+    assert kernels.backend_for(x) == "torch" and kernels.backend_for(x.float()) == "cpu"
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), act(theirs(xb))
+    dy = torch.randn_like(ya)
+    ya.backward(dy)
+    yb.backward(dy)
+    tol = dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ya, yb, **tol)
+    for a, b in [(xa.grad, xb.grad), (ours.weight.grad, theirs.weight.grad), (ours.bias.grad, theirs.bias.grad)]:
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_unsupported_dtype_names_the_backend():
     kernels.set_backend("cpu")
     x, w, b = (t.half() for t in make(2, 3, 4, device="cpu"))

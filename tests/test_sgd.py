@@ -233,6 +233,31 @@ def test_cpu_threads_split_tensors():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_on_the_cpu(dtype):
+    """bf16/fp16 CPU parameters (a dtype the C++ kernels do not compute) run the torch backend
+    with a float32 momentum buffer: each step equals torch.optim.SGD run on a float32 copy of the
+    parameters, rounded back to the parameter dtype."""
+    init, grads = make_problem("cpu", steps=20)
+    params = [p.to(dtype).requires_grad_() for p in init]
+    opt = FusedSGD(params, lr=LR, momentum=0.9, nesterov=True, weight_decay=0.01)
+    masters = [p.detach().float().requires_grad_() for p in params]
+    reference = torch.optim.SGD(masters, lr=LR, momentum=0.9, nesterov=True, weight_decay=0.01)
+    for gs in grads:
+        for p, m, g in zip(params, masters, gs):
+            p.grad = g.to(dtype)
+            m.grad = p.grad.float()
+            m.data.copy_(p.detach().float())
+        opt.step()
+        reference.step()
+        for p, m in zip(params, masters):
+            torch.testing.assert_close(p.detach(), m.detach().to(dtype), atol=0, rtol=2 ** -7)
+    for p, m in zip(params, masters):
+        assert opt.state[p]["momentum_buffer"].dtype == torch.float32
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], reference.state[m]["momentum_buffer"])
+    assert opt._tables[0].backend == "torch"
+
+
 # ------------------------------------------------------------------------------------------
 # GPU only
 

@@ -43,13 +43,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     Backends: Triton on CUDA (float32, bfloat16, float16; float64 too, accumulated in float64 on
     untuned tiles), C++ on CPU (float32, float64; PyTorch's own ops below SMALL_CPU_WORK
-    multiply-adds unless a backend is forced), plain PyTorch elsewhere (see ``kernels._dispatch``).
+    multiply-adds unless a backend is forced), PyTorch's own ops for anything else (other devices,
+    bfloat16/float16 on the CPU; see ``kernels._dispatch``), on autograd's own nodes.
     Raises TypeError/ValueError naming the offending shapes, dtypes, devices or activation.
     """
     backend = _check(x, weight, bias, activation)
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if backend == "cpu" and x2d.shape[0] * weight.numel() < SMALL_CPU_WORK and get_backend() is None:
-        y = reference.forward(x2d, weight, bias, activation)  # autograd's own nodes
+    if backend == "torch" or (backend == "cpu" and x2d.shape[0] * weight.numel() < SMALL_CPU_WORK
+                              and get_backend() is None):
+        y = reference.forward(x2d, weight, bias, activation)  # PyTorch's ops on autograd's own nodes
     elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         y = LinearFunction.apply(x2d, weight, bias, activation, backend)
     else:  # nothing to differentiate: skip autograd's bookkeeping (2.5 us a call)

@@ -72,8 +72,8 @@ def real_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
-    """The dtype of a parameter's state tensors: float32 for bfloat16/float16 parameters (on the
-    GPU), the parameter's own otherwise."""
+    """The dtype of a parameter's state tensors: float32 for bfloat16/float16 parameters, the
+    parameter's own otherwise."""
     return torch.float32 if param.dtype in (torch.bfloat16, torch.float16) else param.dtype
 
 
@@ -90,13 +90,22 @@ def dense(t: torch.Tensor) -> bool:
     return True
 
 
+def group_backend(params: list) -> str:
+    """The backend of a group's step: the one its parameters' device and dtypes choose
+    (``backend_for``), "torch" for the whole group where any of them goes there (a bfloat16
+    parameter on the CPU)."""
+    device = params[0].device if params else torch.device("cpu")
+    backends = {backend_for(device, real_dtype(p)) for p in params} or {backend_for(device)}
+    return "torch" if "torch" in backends else backends.pop()
+
+
 def check_params(name: str, index: int, params: list, *, what: str) -> None:
     """One device per group, floating (or complex) dtypes the group's backend computes in, dense
     storage. ``what`` names the optimizer's kind ("Adam") in messages."""
     if not params:
         return
     device = params[0].device
-    backend = backend_for(device)
+    backend = group_backend(params)
     for i, p in enumerate(params):
         where = f"{name}: parameter {i} of group {index}"
         if p.device != device:
@@ -160,7 +169,7 @@ class GroupTable:
         self.grad_field = self.layout.index("grad")  # where a row holds its gradient's address
         self.state = optimizer.state
         self.device = self.params[0].device if self.params else torch.device("cpu")
-        self.backend = backend_for(self.device)
+        self.backend = group_backend(self.params)
         self.implementation = implementation(optimizer.op, self.backend)
         self.set_gradients = getattr(self.implementation, "set_gradients", None)
         self.cuda = self.device.type == "cuda"
@@ -546,7 +555,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             name = type(self).__name__
             fields = [self.prepare_state(self.state, p, group, f"{name}: a parameter of group {index}")
                       for p in params]
-            self.compiled_launch(group, params, fields, backend_for(params[0]))
+            self.compiled_launch(group, params, fields, group_backend(params))
 
 
 def make_entry(layout: tuple[str, ...], param: torch.Tensor, grad: torch.Tensor, fields: dict) -> Entry:
