@@ -27,6 +27,28 @@ def make_problem(device, shapes=SHAPES, steps=STEPS, dtype=torch.float32, seed=0
     return init, grads
 
 
+def train_beside_float32_masters(make_ours, make_theirs, device, dtype, *, shapes=SHAPES, steps=STEPS):
+    """Trains ``dtype`` (bf16/fp16) parameters with ``make_ours(params)`` beside float32 copies
+    trained with torch's ``make_theirs(masters)``, each step from the copies of the rounded
+    parameters: after every step the parameters equal the masters rounded to ``dtype``.
+    Returns (params, ours, masters, theirs)."""
+    init, grads = make_problem(device, shapes=shapes, steps=steps)
+    params = [p.to(dtype).requires_grad_() for p in init]
+    ours = make_ours(params)
+    masters = [p.detach().float().requires_grad_() for p in params]
+    theirs = make_theirs(masters)
+    for gs in grads:
+        for p, m, g in zip(params, masters, gs):
+            p.grad = g.to(dtype)
+            m.grad = p.grad.float()
+            m.data.copy_(p.detach().float())
+        ours.step()
+        theirs.step()
+        for p, m in zip(params, masters):
+            torch.testing.assert_close(p.detach(), m.detach().to(dtype), atol=0, rtol=2 ** -7)
+    return params, ours, masters, theirs
+
+
 def train(make_opt, init, grads, *, params=None, opt=None, has_grad=None, scheduler=None, start=0):
     """Run ``make_opt`` over ``grads[start:]``; ``has_grad(step, i)`` False leaves a gradient None."""
     if params is None:
@@ -738,20 +760,10 @@ def test_low_precision_params_with_float32_states(dtype, device):
     """bf16/fp16 parameters and gradients, float32 states: each step equals torch.optim.Adam
     run on a float32 copy of the parameters, rounded back to the parameter dtype. On the CPU,
     whose kernels compute float32 and float64, such a group runs the torch backend."""
-    init, grads = make_problem(device, shapes=[(1000, 37), (4097,), (3,)], steps=30)
-    params = [p.to(dtype).requires_grad_() for p in init]
-    opt = FusedAdam(params, lr=LR, weight_decay=0.01, amsgrad=True)
-    masters = [p.detach().float().requires_grad_() for p in params]
-    reference = torch.optim.Adam(masters, lr=LR, weight_decay=0.01, amsgrad=True)
-    for gs in grads:
-        for p, m, g in zip(params, masters, gs):
-            p.grad = g.to(dtype)
-            m.grad = p.grad.float()
-            m.data.copy_(p.detach().float())
-        opt.step()
-        reference.step()
-        for p, m in zip(params, masters):
-            torch.testing.assert_close(p.detach(), m.detach().to(dtype), atol=0, rtol=2 ** -7)
+    params, opt, masters, reference = train_beside_float32_masters(
+        lambda ps: FusedAdam(ps, lr=LR, weight_decay=0.01, amsgrad=True),
+        lambda ps: torch.optim.Adam(ps, lr=LR, weight_decay=0.01, amsgrad=True),
+        device, dtype, shapes=[(1000, 37), (4097,), (3,)], steps=30)
     assert opt._tables[0].backend == ("torch" if device == "cpu" else "triton")
     for p, m in zip(params, masters):
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):

@@ -6,7 +6,8 @@ import torch
 
 import kernels
 from kernels import FusedSGD
-from test_adam import HAS_CUDA, STEPS, check_one_launch_per_group, check_state_dict_interchange, make_problem, train
+from test_adam import (HAS_CUDA, STEPS, check_one_launch_per_group, check_state_dict_interchange, make_problem, train,
+                       train_beside_float32_masters)
 
 LR = 0.05
 
@@ -238,20 +239,10 @@ def test_low_precision_params_on_the_cpu(dtype):
     """bf16/fp16 CPU parameters (a dtype the C++ kernels do not compute) run the torch backend
     with a float32 momentum buffer: each step equals torch.optim.SGD run on a float32 copy of the
     parameters, rounded back to the parameter dtype."""
-    init, grads = make_problem("cpu", steps=20)
-    params = [p.to(dtype).requires_grad_() for p in init]
-    opt = FusedSGD(params, lr=LR, momentum=0.9, nesterov=True, weight_decay=0.01)
-    masters = [p.detach().float().requires_grad_() for p in params]
-    reference = torch.optim.SGD(masters, lr=LR, momentum=0.9, nesterov=True, weight_decay=0.01)
-    for gs in grads:
-        for p, m, g in zip(params, masters, gs):
-            p.grad = g.to(dtype)
-            m.grad = p.grad.float()
-            m.data.copy_(p.detach().float())
-        opt.step()
-        reference.step()
-        for p, m in zip(params, masters):
-            torch.testing.assert_close(p.detach(), m.detach().to(dtype), atol=0, rtol=2 ** -7)
+    params, opt, masters, reference = train_beside_float32_masters(
+        lambda ps: FusedSGD(ps, lr=LR, momentum=0.9, nesterov=True, weight_decay=0.01),
+        lambda ps: torch.optim.SGD(ps, lr=LR, momentum=0.9, nesterov=True, weight_decay=0.01),
+        "cpu", dtype, steps=20)
     for p, m in zip(params, masters):
         assert opt.state[p]["momentum_buffer"].dtype == torch.float32
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], reference.state[m]["momentum_buffer"])
