@@ -291,9 +291,11 @@ class GroupTable:
         ``gradients_only``, from each slot's previous entry, where it has one, with only its
         gradient replaced)."""
         buckets: dict[torch.dtype, list[_Slot]] = {}
+        positions: dict[torch.dtype, list[int]] = {}  # where each bucket's slots are among all the rows
         self.grad_copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, gradient): copied before each launch
         self.first_steps = False
         layout = self.layout
+        row = 0
         for slot in self.slots:
             g = slot.grad
             if g is None:
@@ -313,12 +315,13 @@ class GroupTable:
                 (p.dtype, p.shape, p.stride(), p.is_cpu, p.get_device())
             slot.row_head, slot.row_tail = entry.row[:self.grad_field], entry.row[self.grad_field + 1:]
             self.first_steps |= bool(slot.fields.get("first_step"))
-            buckets.setdefault(entry.tensors["param"].dtype, []).append(slot)
+            dtype = entry.tensors["param"].dtype
+            positions.setdefault(dtype, []).append(row)
+            buckets.setdefault(dtype, []).append(slot)
+            row += 1
         self.table_slots = list(buckets.values())  # the slots of each table's rows, in order
-        # where each table's rows are among all the rows (None: it has them all, in order)
-        rows = [slot for slot in self.slots if slot.grad is not None]
-        self.table_positions = [None if slots == rows else [rows.index(slot) for slot in slots]
-                                for slots in self.table_slots]
+        # where each table's rows are among all the rows (None: one table has them all, in order)
+        self.table_positions = [None] if len(buckets) == 1 else list(positions.values())
         self.tables = [self.implementation.table([slot.entry for slot in slots], self.device)
                        for slots in self.table_slots]
         self._remember(gradients_only)
