@@ -424,7 +424,29 @@ def test_torch_compile(backend):
 # Bad input: clear errors that name the problem.
 
 def test_errors(backend):
-    dev = backend.device
+    check_errors(backend.device)
+
+
+def test_errors_of_tiny_cpu_layers():
+    """A tiny CPU layer runs F.linear with fewer checks of its own (kernels.ops.linear._small_on_cpu):
+    the same errors as any other call, including for what F.linear would let through (a 1-D
+    weight, a bias that broadcasts, a weight on another device)."""
+    from kernels.ops.linear import SMALL_CPU_WORK
+
+    assert kernels.get_backend() is None and 4 * 6 * 3 < SMALL_CPU_WORK
+    check_errors(torch.device("cpu"))
+    x, w, b = make(4, 6, 3, device="cpu")
+    with pytest.raises(ValueError, match=r"weight must have 2 dimension.*\(6,\)"):
+        kernels.linear(x, w[0], None)
+    with pytest.raises(ValueError, match=r"bias of shape \(1,\) does not match weight of shape \(3, 6\)"):
+        kernels.linear(x, w, b[:1])
+    with pytest.raises(ValueError, match="weight is on meta but input is on cpu"):
+        kernels.linear(x, w.to("meta"), b)
+    with pytest.raises(ValueError, match="bias is on meta but input is on cpu"):
+        kernels.linear(x, w, b.to("meta"))
+
+
+def check_errors(dev: torch.device) -> None:
     x, w, b = make(4, 6, 3, device=dev)
     with pytest.raises(TypeError, match="input must be a torch.Tensor"):
         kernels.linear([[1.0] * 6], w, b)

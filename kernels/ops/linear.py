@@ -47,16 +47,36 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     bfloat16/float16 on the CPU; see ``kernels._dispatch``), on autograd's own nodes.
     Raises TypeError/ValueError naming the offending shapes, dtypes, devices or activation.
     """
+    if _small_on_cpu(x, weight, bias, activation):
+        try:
+            return reference.forward(x, weight, bias, activation)  # PyTorch's ops on autograd's own nodes
+        except RuntimeError:  # F.linear refused the arguments: say what is wrong as the other paths do
+            _check_each(x, weight, bias, activation)
+            raise
     backend = _check(x, weight, bias, activation)
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if backend == "torch" or (backend == "cpu" and x2d.shape[0] * weight.numel() < SMALL_CPU_WORK
                               and get_backend() is None):
-        y = reference.forward(x2d, weight, bias, activation)  # PyTorch's ops on autograd's own nodes
+        y = reference.forward(x2d, weight, bias, activation)
     elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         y = LinearFunction.apply(x2d, weight, bias, activation, backend)
     else:  # nothing to differentiate: skip autograd's bookkeeping (2.5 us a call)
         y = _forward(x2d, weight, bias, activation, backend)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _small_on_cpu(x, weight, bias, activation) -> bool:
+    """Whether the call goes to PyTorch's own ops as a layer below SMALL_CPU_WORK on the CPU,
+    checked with the least Python a call can take (a tutorial's toy network is nothing but such
+    calls, and each check costs 60-140 ns): what ``F.linear`` lets through is checked here (an
+    integer input, a weight of other than 2 dimensions or on another device, a bias that would
+    broadcast); the rest (dtypes that differ, shapes that do not fit) ``F.linear`` refuses itself."""
+    return (isinstance(x, torch.Tensor) and x.numel() < SMALL_CPU_WORK  # rules most layers out at once
+            and isinstance(weight, torch.Tensor) and x.is_cpu and weight.is_cpu
+            and weight.dim() == 2 and x.numel() * weight.shape[0] < SMALL_CPU_WORK and get_backend() is None
+            and x.is_floating_point() and activation in reference.ACTIVATIONS
+            and (bias is None or (isinstance(bias, torch.Tensor) and bias.is_cpu and bias.dim() == 1
+                                  and bias.shape[0] == weight.shape[0])))
 
 
 def _check(x, weight, bias, activation) -> str:
