@@ -553,6 +553,46 @@ def test_torch_reference_backend(monkeypatch):
         kernels.cross_entropy(torch.randn(2, 3), torch.tensor([0, 3]))
 
 
+def test_tiny_cpu_losses_run_pytorchs_op_unless_forced_or_inplace(monkeypatch):
+    """Below SMALL_CPU_LOGITS a CPU call runs F.cross_entropy itself (loss and gradient equal to
+    it to the bit, every option, K-dimensional logits included) and still names a bad target's row;
+    at or above it, with inplace_backward, or with the backend forced to "cpu", the C++ kernel runs."""
+    from kernels.cpu import cross_entropy as cpu_cross_entropy
+    from kernels.ops.cross_entropy import SMALL_CPU_LOGITS
+
+    launches = []
+    forward = cpu_cross_entropy.forward
+    monkeypatch.setattr(cpu_cross_entropy, "forward", lambda *a: launches.append(1) or forward(*a))
+    assert kernels.get_backend() is None and 64 * 10 < SMALL_CPU_LOGITS
+    cases = [((64, 10), (64,), {}),
+             ((6, 5), (6,), dict(weight=torch.rand(5), ignore_index=2, label_smoothing=0.1, reduction="sum")),
+             ((3, 5, 4), (3, 4), dict(reduction="none")),
+             ((5,), (), dict(label_smoothing=0.3))]
+    for shape, target_shape, kw in cases:
+        logits = torch.randn(shape)
+        target = torch.randint(0, 5 if len(shape) > 1 else shape[0], target_shape)
+        ours, theirs = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        loss, want = kernels.cross_entropy(ours, target, **kw), F.cross_entropy(theirs, target, **kw)
+        loss.backward(torch.ones_like(loss))
+        want.backward(torch.ones_like(want))
+        assert torch.equal(loss, want) and torch.equal(ours.grad, theirs.grad)
+    assert not launches
+    with pytest.raises(ValueError, match=r"target\[5\] = 7 is out of range for 4 classes"):
+        kernels.cross_entropy(torch.randn(2, 4, 3), torch.tensor([[0, 1, 2], [3, -100, 7]]))
+    with pytest.raises(ValueError, match=r"target of shape \(3,\) does not match logits of shape \(2, 4\)"):
+        kernels.cross_entropy(torch.randn(2, 4), torch.zeros(3, dtype=torch.long))
+    assert not launches
+
+    x, target = torch.randn(64, 10, requires_grad=True), torch.randint(0, 10, (64,))
+    kernels.cross_entropy(x * 1, target, inplace_backward=True)
+    assert launches == [1]
+    kernels.cross_entropy(torch.randn(SMALL_CPU_LOGITS // 8, 8), torch.zeros(SMALL_CPU_LOGITS // 8, dtype=torch.long))
+    assert launches == [1, 1]
+    kernels.set_backend("cpu")
+    kernels.cross_entropy(x, target)
+    assert launches == [1, 1, 1]
+
+
 # --------------------------------------------------------------------------------------------
 # Errors
 

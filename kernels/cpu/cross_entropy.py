@@ -18,7 +18,8 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
     writes dloss/dlogits into the contiguous ``grad`` when given (it may be ``logits`` itself).
     Raises ValueError naming the first target neither ignore_index nor in [0, C)."""
     N, C = logits.shape
-    target = target.to(torch.int64)  # the kernel reads int64 (a contiguous tensor stays contiguous)
+    if target.dtype != torch.int64:  # the kernel reads int64 (a contiguous tensor stays contiguous)
+        target = target.to(torch.int64)
     loss = logits.new_empty(N) if reduction == "none" else logits.new_empty(size=())  # the fastest spellings
     bad_row = extension().cross_entropy_forward(dtype_name(logits), logits.data_ptr(), target.data_ptr(),
                                                 address(weight), loss.data_ptr(), address(grad), N, C, ignore_index,
