@@ -435,6 +435,15 @@ def test_torch_compile(backend):
         torch.testing.assert_close(a, b)
 
 
+def test_torch_compile_of_a_tiny_cpu_loss():
+    """The small-CPU path (F.cross_entropy behind our checks and its try) traces in one graph."""
+    torch._dynamo.reset()
+    logits, target = _inputs(8, 10, "cpu", torch.float32, ignore=True)
+    loss_of = lambda x, t: kernels.cross_entropy(x, t, label_smoothing=0.1)  # noqa: E731
+    compiled = torch.compile(loss_of, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(_run(compiled, logits, target), _run(F.cross_entropy, logits, target, label_smoothing=0.1))
+
+
 def test_retain_graph(backend):
     """A second backward through the same graph recomputes the gradient from the logits; it
     raises once they are gone or were overwritten by inplace_backward."""

@@ -324,6 +324,17 @@ def test_tiny_cpu_layers_run_torch_ops_unless_a_backend_is_forced(monkeypatch):
     assert launches == [1, 1]
 
 
+def test_torch_compile_of_a_tiny_cpu_layer():
+    """The tiny-CPU path (F.linear behind its checks and its try) traces in one graph."""
+    torch._dynamo.reset()
+    x, w, b = (t.requires_grad_() for t in make(4, 3, 5, device="cpu"))
+    compiled = torch.compile(lambda x: kernels.linear(x, w, b, "tanh"), backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, torch.tanh(F.linear(x, w, b)))
+    y.sum().backward()
+    assert w.grad is not None and x.grad is not None
+
+
 def test_torch_backend_is_the_reference():
     kernels.set_backend("torch")
     x, w, b = make(5, 4, 3, device="cpu")
