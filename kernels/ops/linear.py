@@ -54,15 +54,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             _check_each(x, weight, bias, activation)
             raise
     backend = _check(x, weight, bias, activation)
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if backend == "torch" or (backend == "cpu" and x2d.shape[0] * weight.numel() < SMALL_CPU_WORK
-                              and get_backend() is None):
-        y = reference.forward(x2d, weight, bias, activation)
-    elif torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if backend == "torch":
+        return reference.forward(x, weight, bias, activation)
+    two_d = x.dim() == 2
+    x2d = x if two_d else x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         y = LinearFunction.apply(x2d, weight, bias, activation, backend)
     else:  # nothing to differentiate: skip autograd's bookkeeping (2.5 us a call)
         y = _forward(x2d, weight, bias, activation, backend)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if two_d else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _small_on_cpu(x, weight, bias, activation) -> bool:
