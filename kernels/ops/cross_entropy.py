@@ -67,7 +67,8 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     log_softmax is, and returned in the logits' dtype. Backends: Triton on CUDA (float32,
     bfloat16, float16; float64 too), C++ on CPU (float32, float64; ``F.cross_entropy`` itself
     below SMALL_CPU_LOGITS logits unless a backend is forced or ``inplace_backward`` is set),
-    plain PyTorch elsewhere (see ``kernels._dispatch``). Tensors of any strides are accepted (copied once when not contiguous).
+    plain PyTorch elsewhere (see ``kernels._dispatch``). Tensors of any strides are accepted
+    (copied once when not contiguous).
 
     ``inplace_backward=True`` writes the gradient over ``logits`` during the forward (no second
     (N, C) buffer), and bumps their version counter: a node that saved the logits for its own
@@ -110,12 +111,11 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
             return F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
                                    label_smoothing=label_smoothing)
         except IndexError:  # a target out of range: name its row as the kernels do
-            rows = target.reshape(-1)
-            bad = (rows != ignore_index) & ((rows < 0) | (rows >= logits.shape[0 if logits.dim() == 1 else 1]))
-            if not bad.any():
+            error = reference.first_bad_target_error(target.reshape(-1), logits.shape[0 if logits.dim() == 1 else 1],
+                                                     ignore_index)
+            if error is None:
                 raise
-            raise reference.bad_target_error(rows, int(bad.nonzero()[0, 0]), logits.shape[0 if logits.dim() == 1 else 1],
-                                             ignore_index) from None
+            raise error from None
     shape = target.shape  # the loss's with "none"
     x = _as_rows(logits)
     # one row's target each, dense (a strided or expanded one: labels[:, 0], t.expand(n))

@@ -74,6 +74,13 @@ def bad_target_error(target: torch.Tensor, row: int, C: int, ignore_index: int) 
                       f"(valid: 0..{C - 1}, or ignore_index={ignore_index})")
 
 
+def first_bad_target_error(target: torch.Tensor, C: int, ignore_index: int) -> ValueError | None:
+    """The error naming the first of the (rows,) targets that is neither ignore_index nor in
+    [0, C), or None where there is none."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= C))
+    return bad_target_error(target, int(bad.nonzero()[0, 0]), C, ignore_index) if bad.any() else None
+
+
 def raise_for_bad_targets(ok: torch.Tensor, target: torch.Tensor, C: int, ignore_index: int) -> None:
     """Raise for a target that is neither ignore_index nor in [0, C), given the one-element flag
     ``ok`` that none is: at once (ValueError naming the row) for CPU tensors; on a GPU, where
@@ -81,7 +88,6 @@ def raise_for_bad_targets(ok: torch.Tensor, target: torch.Tensor, C: int, ignore
     (``torch._assert_async``), which fails the next synchronising call."""
     if ok.device.type == "cpu":
         if not ok.item():
-            bad = (target != ignore_index) & ((target < 0) | (target >= C))
-            raise bad_target_error(target, int(bad.nonzero()[0, 0]), C, ignore_index)
+            raise first_bad_target_error(target, C, ignore_index)
     else:
         torch._assert_async(ok.reshape(()), f"cross_entropy: a target is out of range [0, {C}) and is not ignore_index")
