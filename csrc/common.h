@@ -211,6 +211,27 @@ KERNELS_INLINE void vstore_upto(T* p, Vec<T, VB> v, int64_t n) {
     if (l < n) p[l] = v[l];
 }
 
+// Stores lanes [0, N) of v at p for a compile-time N: whole vectors of halving width (a 6-lane
+// store of 8 floats is one of 4 lanes and one of 2), so that v need not go through memory.
+template <int N, class T, int VB>
+KERNELS_INLINE void vstore_first(T* p, Vec<T, VB> v) {
+  constexpr int L = lanes<T, VB>;
+  static_assert(0 <= N && N <= L);
+  if constexpr (N == L) {
+    vstore<T, VB>(p, v);
+  } else if constexpr (N > 0) {
+    Vec<T, VB / 2> lo, hi;
+    __builtin_memcpy(&lo, &v, VB / 2);
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + VB / 2, VB / 2);
+    if constexpr (N >= L / 2) {
+      vstore<T, VB / 2>(p, lo);
+      vstore_first<N - L / 2, T, VB / 2>(p + L / 2, hi);
+    } else {
+      vstore_first<N, T, VB / 2>(p, lo);
+    }
+  }
+}
+
 #if defined(__x86_64__) || defined(__i386__)
 #define KERNELS_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
 #define KERNELS_TARGET_AVX2 __attribute__((target("avx2,fma")))
@@ -226,20 +247,22 @@ KERNELS_INLINE void vstore_upto(T* p, Vec<T, VB> v, int64_t n) {
 // Split work with parallel_for below and call the multiversioned function once per chunk, not
 // the other way round: a lambda inside `impl` is a function of its own, without the target
 // attribute (its body would fall back to SSE).
-#define KERNELS_MULTIVERSION(name, impl)                                                    \
-  template <class... A>                                                                     \
-  KERNELS_TARGET_AVX512 static void name##_avx512(A... a) { impl<64>(a...); }               \
-  template <class... A>                                                                     \
-  KERNELS_TARGET_AVX2 static void name##_avx2(A... a) { impl<32>(a...); }                   \
-  template <class... A>                                                                     \
-  static void name##_portable(A... a) { impl<16>(a...); }                                   \
-  template <class... A>                                                                     \
-  static void name(A... a) {                                                                \
-    switch (::kernels::current_isa()) {                                                    \
-      case ::kernels::Isa::avx512: return name##_avx512(a...);                              \
-      case ::kernels::Isa::avx2: return name##_avx2(a...);                                  \
-      default: return name##_portable(a...);                                                \
-    }                                                                                       \
+// The ISA wrappers are never inlined: a multiversioned function called from another kernel's
+// body stays a function of its own, with its own register allocation.
+#define KERNELS_MULTIVERSION(name, impl)                                                             \
+  template <class... A>                                                                              \
+  KERNELS_TARGET_AVX512 __attribute__((noinline)) static void name##_avx512(A... a) { impl<64>(a...); } \
+  template <class... A>                                                                              \
+  KERNELS_TARGET_AVX2 __attribute__((noinline)) static void name##_avx2(A... a) { impl<32>(a...); }  \
+  template <class... A>                                                                              \
+  __attribute__((noinline)) static void name##_portable(A... a) { impl<16>(a...); }                  \
+  template <class... A>                                                                              \
+  static void name(A... a) {                                                                         \
+    switch (::kernels::current_isa()) {                                                              \
+      case ::kernels::Isa::avx512: return name##_avx512(a...);                                       \
+      case ::kernels::Isa::avx2: return name##_avx2(a...);                                           \
+      default: return name##_portable(a...);                                                         \
+    }                                                                                                \
   }
 
 // ---------------------------------------------------------------------------------------

@@ -7,10 +7,15 @@
 // x (M, K), W (N, K), y and dy (M, N) are contiguous row-major. Every GEMM here is written
 // around a register-tiled micro-kernel over Vec<T, VB> (see common.h), compiled once per ISA:
 //
-// * forward: x and W are both contiguous along the reduction axis k, so the micro-kernel keeps
-//   an MR x NR tile of dot products as vectors over k (no packing of either operand), folds
-//   the MR*NR vectors into lanes at the end and applies bias and activation to that vector
-//   before it is stored.
+// * forward, dot-product form: x and W are both contiguous along the reduction axis k, so the
+//   micro-kernel keeps an MR x NR tile of dot products as vectors over k (no packing of either
+//   operand), folds the MR*NR vectors into lanes at the end and applies bias and activation to
+//   that vector before it is stored.
+// * forward, outer-product form (float on AVX2, for batches of at least K / 8 rows): the fold
+//   costs about as much per output whatever K, so where K is small it is cheaper to transpose
+//   W into panels of columns once and run the backward's micro-kernel, which broadcasts x's
+//   entries (read in place) against vectors of a panel; bias and activation follow in one pass
+//   over the panel's outputs, still in L1.
 // * dx = dz W and dW = dz^T x: the output rows are contiguous along k like the rows of W and x,
 //   so the micro-kernel broadcasts dz entries against rows of W or x (outer-product form). dz is
 //   formed from dy and y while the broadcast operand is packed (each thread packs only its own
@@ -23,6 +28,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 namespace kernels {
@@ -230,28 +236,34 @@ KERNELS_INLINE void transpose_square(Vec<T, VB>* v) {
   }
 }
 
-// dx's tile: panel[s * MR + i] = dz(m0 + i, s) for i < rows (zeros up to MR) and s < S; dy, y
-// point at row m0 and have rows of S. With MR <= L, whole blocks of L columns are transposed in
-// registers; the rest is copied an entry at a time.
+// panel[s * ld + i] = dz(i, s) for i < rows (zeros up to MR) and s < S, where dz = dy * act'(y)
+// (dy itself for Act::none); dy and y have rows of S. dx's tiles are such panels of dz with
+// ld = MR, and the forward's panels of W^T are built from L rows of W at a time with ld = the
+// panel's width. With MR <= L, whole blocks of L columns are transposed in registers; the rest
+// is copied an entry at a time.
 template <Act A, int MR, int VB, class T>
-KERNELS_INLINE void pack_dz_rows(const T* dy, const T* y, int64_t S, int rows, T* panel) {
+KERNELS_INLINE void pack_transposed(const T* dy, const T* y, int64_t S, int rows, T* panel, int64_t ld = MR) {
   using V = Vec<T, VB>;
   constexpr int L = lanes<T, VB>;
   int64_t s0 = 0;
   if constexpr (MR <= L) {
     for (; s0 + L <= S; s0 += L) {
-      V v[L] = {};
-      for (int i = 0; i < rows; ++i) {
-        const V d = vload<T, VB>(dy + i * S + s0);
-        v[i] = A == Act::none ? d : activation_grad<A, T>(d, vload<T, VB>(y + i * S + s0));
+      V v[L];
+#pragma GCC unroll 16
+      for (int i = 0; i < L; ++i) {  // constant bounds: v stays in registers
+        const int64_t at = std::min(i, rows - 1) * S + s0;  // in bounds; rows past `rows` are zeroed
+        const V d = vload<T, VB>(dy + at);
+        const V g = A == Act::none ? d : activation_grad<A, T>(d, vload<T, VB>(y + at));
+        v[i] = i < rows ? g : V{};
       }
       transpose_square<L / 2, T, VB>(v);
-      for (int c = 0; c < L; ++c) __builtin_memcpy(panel + (s0 + c) * MR, &v[c], MR * sizeof(T));
+#pragma GCC unroll 16
+      for (int c = 0; c < L; ++c) vstore_first<MR, T, VB>(panel + (s0 + c) * ld, v[c]);
     }
   }
   for (int64_t s = s0; s < S; ++s)
     for (int i = 0; i < MR; ++i)
-      panel[s * MR + i] = i < rows ? activation_grad<A, T>(dy[i * S + s], A == Act::none ? T(0) : y[i * S + s]) : T(0);
+      panel[s * ld + i] = i < rows ? activation_grad<A, T>(dy[i * S + s], A == Act::none ? T(0) : y[i * S + s]) : T(0);
 }
 
 // dW's tile: panel[s * MR + i] = dz(s, n0 + i) for s < M and i < rows (zeros up to MR), and
@@ -282,13 +294,18 @@ KERNELS_INLINE void pack_dz_columns(const T* dy, const T* y, int64_t M, int64_t 
     for (int i = 0; i < rows; ++i) sums[i] = total[i];
 }
 
-// c[i, 0..cols) (+)= sum_{s0 <= s < s0 + sc} A(i, s) * b[(s - s0) * ldb + 0..cols) for i < rows,
-// where cols <= NV * L and b holds NV full vectors per row.
-template <int MR, int NV, class T, int VB>
-KERNELS_INLINE void outer_tile(const T* panel, int64_t s0, int64_t sc, const T* b, int64_t ldb, T* c, int64_t ldc,
-                               int rows, int cols, bool accumulate) {
+// c[i, 0..cols) (+)= sum_{s < sc} A(i, s) * b[s * ldb + 0..cols) for i < rows, where cols <= NV * L
+// and b holds NV full vectors per row. A is packed, A(i, s) at a[s * MR + i], or with IN_PLACE a
+// row-major matrix, A(i, s) at a[i * lda + s], whose rows past `rows` are clamped (computed
+// again, never stored) so that the tile reads in bounds.
+template <int MR, int NV, bool IN_PLACE, class T, int VB>
+KERNELS_INLINE void outer_tile(const T* a, int64_t lda, int64_t sc, const T* b, int64_t ldb, T* c,
+                               int64_t ldc, int rows, int cols, bool accumulate) {
   using V = Vec<T, VB>;
   constexpr int L = lanes<T, VB>;
+  constexpr int64_t step = IN_PLACE ? 1 : MR;
+  const T* ar[MR];
+  for (int i = 0; i < MR; ++i) ar[i] = IN_PLACE ? a + std::min(i, rows - 1) * lda : a + i;
   if (accumulate)  // C's tile, evicted since the last pass, arrives while the loop runs
     for (int i = 0; i < MR && i < rows; ++i)
       for (int v = 0; v * L < cols; ++v) __builtin_prefetch(c + i * ldc + v * L, 1);
@@ -297,8 +314,8 @@ KERNELS_INLINE void outer_tile(const T* panel, int64_t s0, int64_t sc, const T* 
     V bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = vload<T, VB>(b + s * ldb + v * L);
     for (int i = 0; i < MR; ++i) {
-      const V a = vsplat<T, VB>(panel[(s0 + s) * MR + i]);
-      for (int v = 0; v < NV; ++v) acc[i][v] += a * bv[v];
+      const V av = vsplat<T, VB>(ar[i][s * step]);
+      for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
     }
   }
   // The stores index acc with constant bounds only, so that it stays in registers: indexed by the
@@ -319,19 +336,20 @@ KERNELS_INLINE void outer_tile(const T* panel, int64_t s0, int64_t sc, const T* 
     T* ci = c + i * ldc;
     for (int v = 0; v < NV; ++v) {
       const int64_t n = cols - v * L;
-      const V a = vload<T, VB>(part[i] + v * L);
-      vstore_upto<T, VB>(ci + v * L, accumulate ? vload_upto<T, VB>(ci + v * L, n, T(0)) + a : a, n);
+      const V p = vload<T, VB>(part[i] + v * L);
+      vstore_upto<T, VB>(ci + v * L, accumulate ? vload_upto<T, VB>(ci + v * L, n, T(0)) + p : p, n);
     }
   }
 }
 
 // outer_tile with nv <= NV vectors per row chosen at run time (the last column tile may be narrower).
-template <int MR, int NV, class T, int VB>
-KERNELS_INLINE void outer_tile_cols(int nv, const T* panel, int64_t s0, int64_t sc, const T* b, int64_t ldb, T* c,
-                                    int64_t ldc, int rows, int cols, bool accumulate) {
+template <int MR, int NV, bool IN_PLACE, class T, int VB>
+KERNELS_INLINE void outer_tile_cols(int nv, const T* a, int64_t lda, int64_t sc, const T* b, int64_t ldb,
+                                    T* c, int64_t ldc, int rows, int cols, bool accumulate) {
   if constexpr (NV > 1)
-    if (nv < NV) return outer_tile_cols<MR, NV - 1, T, VB>(nv, panel, s0, sc, b, ldb, c, ldc, rows, cols, accumulate);
-  outer_tile<MR, NV, T, VB>(panel, s0, sc, b, ldb, c, ldc, rows, cols, accumulate);
+    if (nv < NV)
+      return outer_tile_cols<MR, NV - 1, IN_PLACE, T, VB>(nv, a, lda, sc, b, ldb, c, ldc, rows, cols, accumulate);
+  outer_tile<MR, NV, IN_PLACE, T, VB>(a, lda, sc, b, ldb, c, ldc, rows, cols, accumulate);
 }
 
 // Whether rows `stride` bytes apart fall into so few L1 sets (of 64-byte lines, 64 sets) that a
@@ -403,8 +421,8 @@ KERNELS_INLINE void gemm_panels(const T* panels, int64_t R, int64_t S, const T* 
                              K * int64_t(sizeof(T)));
       const int64_t lines_per_row_tile = S > kReductionBlock ? (next_tile.lines() + row_tiles - 1) / row_tiles : 0;
       for (int64_t r0 = 0; r0 < R; r0 += MR, next_tile.next(lines_per_row_tile))
-        outer_tile_cols<MR, NV, T, VB>(nv, panels + r0 * S, s0, sc, tile, ld, c + r0 * K + k0, K,
-                                       int(std::min<int64_t>(MR, R - r0)), cols, s0 > 0);
+        outer_tile_cols<MR, NV, false, T, VB>(nv, panels + r0 * S + s0 * MR, 0, sc, tile, ld, c + r0 * K + k0,
+                                              K, int(std::min<int64_t>(MR, R - r0)), cols, s0 > 0);
     }
   } while ((s0 += kReductionBlock) < S);
 }
@@ -418,7 +436,7 @@ KERNELS_INLINE void grad_input_impl(const T* dy, const T* y, const T* w, T* dx, 
   T* const panels = scratch<T>(Scratch::panels, (R + MR - 1) / MR * MR * N);
   for (int64_t r0 = 0; r0 < R; r0 += MR) {
     const int64_t at = (m_begin + r0) * N;
-    pack_dz_rows<A, MR, VB>(dy + at, y ? y + at : nullptr, N, int(std::min<int64_t>(MR, R - r0)), panels + r0 * N);
+    pack_transposed<A, MR, VB>(dy + at, y ? y + at : nullptr, N, int(std::min<int64_t>(MR, R - r0)), panels + r0 * N);
   }
   gemm_panels<VB>(panels, R, N, w, K, dx + m_begin * K);
 }
@@ -440,6 +458,49 @@ KERNELS_INLINE void grad_weight_impl(const T* dy, const T* y, const T* x, T* dw,
 }
 KERNELS_MULTIVERSION(grad_weight, grad_weight_impl)
 
+// c[0..R) = A . b for A (R x S) read in place (rows lda apart) and one panel b of S rows of
+// ldb entries, nv vectors and `cols` valid columns of them. A function of its own (its
+// multiversioned wrappers are never inlined), so that the compiler allocates registers for the
+// micro-kernel alone: inlined into forward_outer, GCC kept the activation's zero in a register
+// throughout and spilled an accumulator to the stack (40 instead of 89 GFLOP/s at 64x128x64).
+template <int VB, class T>
+KERNELS_INLINE void outer_rows_impl(const T* a, int64_t lda, int64_t R, int64_t S, const T* b, int64_t ldb, T* c,
+                                    int64_t ldc, int nv, int cols) {
+  constexpr int MR = OuterTile<T, VB>::MR, NV = OuterTile<T, VB>::NV;
+  for (int64_t r0 = 0; r0 < R; r0 += MR)
+    outer_tile_cols<MR, NV, true, T, VB>(nv, a + r0 * lda, lda, S, b, ldb, c + r0 * ldc, ldc,
+                                         int(std::min<int64_t>(MR, R - r0)), cols, false);
+}
+KERNELS_MULTIVERSION(outer_rows, outer_rows_impl)
+
+// One thread's share of the forward in outer-product form: columns [n_begin, n_end) of y, one
+// panel of NV vectors of them at a time. The panel of W^T (K x NV*L) stays in L1 for K up to a
+// few hundred while x streams past it.
+template <int VB, class T, Act A>
+KERNELS_INLINE void forward_outer_impl(const T* x, const T* w, const T* b, T* y, int64_t M, int64_t N, int64_t K,
+                                       int64_t n_begin, int64_t n_end, std::integral_constant<Act, A>) {
+  using V = Vec<T, VB>;
+  constexpr int L = lanes<T, VB>;
+  constexpr int KR = OuterTile<T, VB>::NV * L;
+  T* const panel = scratch<T>(Scratch::block, K * KR);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += KR) {
+    const int cols = int(std::min<int64_t>(KR, n_end - n0));
+    for (int c0 = 0; c0 < cols; c0 += L)
+      pack_transposed<Act::none, L, VB>(w + (n0 + c0) * K, static_cast<const T*>(nullptr), K, std::min(L, cols - c0),
+                                        panel + c0, KR);
+    outer_rows(x, K, M, K, static_cast<const T*>(panel), int64_t(KR), y + n0, N, (cols + L - 1) / L, cols);
+    for (int c0 = 0; c0 < cols; c0 += L) {
+      const int n = std::min(L, cols - c0);
+      const V bias = b ? vload_upto<T, VB>(b + n0 + c0, n, T(0)) : V{};
+      for (int64_t m = 0; m < M; ++m) {
+        T* at = y + m * N + n0 + c0;
+        vstore_upto<T, VB>(at, activate<A, T, VB>(vload_upto<T, VB>(at, n, T(0)) + bias), n);
+      }
+    }
+  }
+}
+KERNELS_MULTIVERSION(forward_outer, forward_outer_impl)
+
 // ---------------------------------------------------------------------------------------
 // Entry points. Each splits its rows (or, for the forward, the dimension with more tiles)
 // into one contiguous range of micro-tiles per thread.
@@ -454,11 +515,29 @@ template <class T>
 void forward(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t N, int64_t K,
              Act act, int num_threads) {
   if (M == 0 || N == 0) return;
+  const int threads = threads_for(M * N * K, num_threads, int64_t(1) << 17);
+  // The outer-product form pays for transposing W (about 0.14 ns an entry on Zen 3) by skipping
+  // the dot-product tile's fold (about 1.4 ns an output, whatever K): it wins from M >= K / 8 on.
+  // One thread, against the dot-product form: 1.27x at 64x128x64, 1.54x at 64x64x64, 1.05x at
+  // 512x1024x1024, even at 64x784x128; at M = 4, 0.82x. Measured with float on AVX2 only:
+  // without FMA (portable) it ran 0.78-0.89x, with double 0.88-1.17x, and AVX-512 (whose 4 x 4
+  // dot-product tile ran at 81 GFLOP/s at 64x128x64 on Zen 5) is not measured yet. Its threads
+  // split the columns, each packing its own panels of W, in multiples of AVX2's 8 floats.
+  if (std::is_same_v<T, float> && current_isa() == Isa::avx2 && M * 8 >= K && N >= 8 * threads) {
+    dispatch_activation(act, [&](auto a) {
+      parallel_for(threads, threads, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const auto [nb, ne] = share(N, 8, int(t), threads);
+          forward_outer(ptr<const T>(x), ptr<const T>(w), ptr<const T>(b), ptr<T>(y), M, N, K, nb, ne, a);
+        }
+      });
+    });
+    return;
+  }
   // NR, and a multiple of MR except AVX2's 3: a thread's rows of the 64-row batch (split when
   // N < M) end on a ragged tile, which costs what splitting at multiples of 12 costs in balance.
   constexpr int64_t kGranule = 4;
   const bool split_n = N >= M;  // the dimension with more tiles
-  const int threads = threads_for(M * N * K, num_threads, int64_t(1) << 17);
   dispatch_activation(act, [&](auto a) {
     parallel_for(threads, threads, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {

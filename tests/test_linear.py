@@ -124,6 +124,28 @@ def test_cpp_blocking_boundaries(shape, dtype, threads):
         torch.set_num_threads(previous)
 
 
+# The C++ forward's two forms (csrc/linear.cpp): with float32 on AVX2, batches of at least
+# in_features / 8 rows and 8 columns a thread take the outer-product form, the others the
+# dot-product tile. Each side of that rule, with ragged row tiles (6 rows), column panels (16)
+# and vectors (8), a reduction with a tail (K % 8), no reduction at all, and the column split
+# between two threads at a multiple of 8.
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("shape", [(13, 104, 37), (13, 105, 37), (64, 131, 61), (7, 9, 8), (7, 9, 7), (5, 0, 9),
+                                   (200, 40, 20)], ids=lambda s: "x".join(map(str, s)))
+def test_cpp_forward_forms(shape, bias, threads):
+    kernels.set_backend("cpu")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, w, b = make(*shape, device="cpu", bias=bias)
+        for activation in ACTIVATIONS:
+            check_against_nn(x, w, b, activation)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_every_cpu_isa(cpu_isa, dtype):
     """The AVX-512, AVX2 and portable builds of the C++ kernels, each against nn.Linear: every
@@ -196,14 +218,19 @@ def test_cpp_zero_sized_dimensions(shape, activation):
 SPECIAL_Z = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3.0, -3.0, 20.0, -20.0, 100.0, -100.0, 1e-3]
 
 
+@pytest.mark.parametrize("features", [1, 300], ids=["outer-form", "dot-form"])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_cpp_nan_and_inf_as_torch(cpu_isa, dtype, activation):
+def test_cpp_nan_and_inf_as_torch(cpu_isa, dtype, activation, features):
     """Every SIMD variant gives torch's results where z or dy is NaN or infinite: relu(NaN) = NaN,
-    and relu's backward is threshold_backward's (y <= 0 ? 0 : dy, so a NaN output passes dy)."""
+    and relu's backward is threshold_backward's (y <= 0 ? 0 : dy, so a NaN output passes dy).
+    One input feature takes the forward's outer-product form where it exists (36 rows >= 1 / 8),
+    300 its dot-product form; the extra features add +0.0 * -0.0 = -0.0, which leaves every z
+    as it is, -0.0 included."""
     z = torch.tensor(SPECIAL_Z * 3, dtype=dtype)
     N = 19  # two vectors and a ragged tail of columns, all equal to z
-    x, w = z[:, None], torch.ones(N, 1, dtype=dtype)
+    x = torch.cat([z[:, None], torch.zeros(len(z), features - 1, dtype=dtype)], dim=1)
+    w = torch.cat([torch.ones(N, 1, dtype=dtype), torch.full((N, features - 1), -0.0, dtype=dtype)], dim=1)
     dy = torch.randn(len(z), N, dtype=dtype)
     dy[1::7, 2::5] = float("inf")
     dy[3::11, 1::6] = float("nan")
