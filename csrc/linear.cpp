@@ -294,18 +294,19 @@ KERNELS_INLINE void pack_dz_columns(const T* dy, const T* y, int64_t M, int64_t 
     for (int i = 0; i < rows; ++i) sums[i] = total[i];
 }
 
-// c[i, 0..cols) (+)= sum_{s < sc} A(i, s) * b[s * ldb + 0..cols) for i < rows, where cols <= NV * L
-// and b holds NV full vectors per row. A is packed, A(i, s) at a[s * MR + i], or with IN_PLACE a
-// row-major matrix, A(i, s) at a[i * lda + s], whose rows past `rows` are clamped (computed
-// again, never stored) so that the tile reads in bounds.
-template <int MR, int NV, bool IN_PLACE, class T, int VB>
+// c[i, 0..cols) (+)= sum_{s < sc} A(i, s) * b[s * ldb + 0..cols) for i < rows <= MR, where
+// cols <= NV * L and b holds NV full vectors per row. A is packed, A(i, s) at a[s * PANEL + i]
+// (panels of PANEL >= MR rows), or for PANEL = 0 a row-major matrix, A(i, s) at a[i * lda + s],
+// whose rows past `rows` are clamped (computed again, never stored) so that the tile reads in
+// bounds.
+template <int MR, int NV, int PANEL, class T, int VB>
 KERNELS_INLINE void outer_tile(const T* a, int64_t lda, int64_t sc, const T* b, int64_t ldb, T* c,
                                int64_t ldc, int rows, int cols, bool accumulate) {
   using V = Vec<T, VB>;
   constexpr int L = lanes<T, VB>;
-  constexpr int64_t step = IN_PLACE ? 1 : MR;
+  constexpr int64_t step = PANEL ? PANEL : 1;
   const T* ar[MR];
-  for (int i = 0; i < MR; ++i) ar[i] = IN_PLACE ? a + std::min(i, rows - 1) * lda : a + i;
+  for (int i = 0; i < MR; ++i) ar[i] = PANEL ? a + i : a + std::min(i, rows - 1) * lda;
   if (accumulate)  // C's tile, evicted since the last pass, arrives while the loop runs
     for (int i = 0; i < MR && i < rows; ++i)
       for (int v = 0; v * L < cols; ++v) __builtin_prefetch(c + i * ldc + v * L, 1);
@@ -342,14 +343,19 @@ KERNELS_INLINE void outer_tile(const T* a, int64_t lda, int64_t sc, const T* b, 
   }
 }
 
-// outer_tile with nv <= NV vectors per row chosen at run time (the last column tile may be narrower).
-template <int MR, int NV, bool IN_PLACE, class T, int VB>
-KERNELS_INLINE void outer_tile_cols(int nv, const T* a, int64_t lda, int64_t sc, const T* b, int64_t ldb,
-                                    T* c, int64_t ldc, int rows, int cols, bool accumulate) {
+// outer_tile for a tile of `rows` <= MR rows and nv <= NV vectors per row, chosen at run time: a
+// ragged last tile computes its rows rounded up to an even count (the 64-row batch ends on a tile
+// of 4 rows of AVX2's 6, a thread's 32 rows on one of 2) and only the vectors it has.
+template <int MR, int NV, int PANEL, class T, int VB>
+KERNELS_INLINE void outer_tile_fit(int rows, int nv, const T* a, int64_t lda, int64_t sc, const T* b, int64_t ldb,
+                                   T* c, int64_t ldc, int cols, bool accumulate) {
+  if constexpr (MR > 2)
+    if (rows <= MR - 2)
+      return outer_tile_fit<MR - 2, NV, PANEL, T, VB>(rows, nv, a, lda, sc, b, ldb, c, ldc, cols, accumulate);
   if constexpr (NV > 1)
     if (nv < NV)
-      return outer_tile_cols<MR, NV - 1, IN_PLACE, T, VB>(nv, a, lda, sc, b, ldb, c, ldc, rows, cols, accumulate);
-  outer_tile<MR, NV, IN_PLACE, T, VB>(a, lda, sc, b, ldb, c, ldc, rows, cols, accumulate);
+      return outer_tile_fit<MR, NV - 1, PANEL, T, VB>(rows, nv, a, lda, sc, b, ldb, c, ldc, cols, accumulate);
+  outer_tile<MR, NV, PANEL, T, VB>(a, lda, sc, b, ldb, c, ldc, rows, cols, accumulate);
 }
 
 // Whether rows `stride` bytes apart fall into so few L1 sets (of 64-byte lines, 64 sets) that a
@@ -421,8 +427,8 @@ KERNELS_INLINE void gemm_panels(const T* panels, int64_t R, int64_t S, const T* 
                              K * int64_t(sizeof(T)));
       const int64_t lines_per_row_tile = S > kReductionBlock ? (next_tile.lines() + row_tiles - 1) / row_tiles : 0;
       for (int64_t r0 = 0; r0 < R; r0 += MR, next_tile.next(lines_per_row_tile))
-        outer_tile_cols<MR, NV, false, T, VB>(nv, panels + r0 * S + s0 * MR, 0, sc, tile, ld, c + r0 * K + k0,
-                                              K, int(std::min<int64_t>(MR, R - r0)), cols, s0 > 0);
+        outer_tile_fit<MR, NV, MR, T, VB>(int(std::min<int64_t>(MR, R - r0)), nv, panels + r0 * S + s0 * MR, 0, sc,
+                                          tile, ld, c + r0 * K + k0, K, cols, s0 > 0);
     }
   } while ((s0 += kReductionBlock) < S);
 }
@@ -468,8 +474,8 @@ KERNELS_INLINE void outer_rows_impl(const T* a, int64_t lda, int64_t R, int64_t 
                                     int64_t ldc, int nv, int cols) {
   constexpr int MR = OuterTile<T, VB>::MR, NV = OuterTile<T, VB>::NV;
   for (int64_t r0 = 0; r0 < R; r0 += MR)
-    outer_tile_cols<MR, NV, true, T, VB>(nv, a + r0 * lda, lda, S, b, ldb, c + r0 * ldc, ldc,
-                                         int(std::min<int64_t>(MR, R - r0)), cols, false);
+    outer_tile_fit<MR, NV, 0, T, VB>(int(std::min<int64_t>(MR, R - r0)), nv, a + r0 * lda, lda, S, b, ldb,
+                                     c + r0 * ldc, ldc, cols, false);
 }
 KERNELS_MULTIVERSION(outer_rows, outer_rows_impl)
 
