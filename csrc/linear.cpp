@@ -237,33 +237,41 @@ KERNELS_INLINE void transpose_square(Vec<T, VB>* v) {
 }
 
 // panel[s * ld + i] = dz(i, s) for i < rows (zeros up to MR) and s < S, where dz = dy * act'(y)
-// (dy itself for Act::none); dy and y have rows of S. dx's tiles are such panels of dz with
-// ld = MR, and the forward's panels of W^T are built from L rows of W at a time with ld = the
-// panel's width. With MR <= L, whole blocks of L columns are transposed in registers; the rest
-// is copied an entry at a time.
-template <Act A, int MR, int VB, class T>
-KERNELS_INLINE void pack_transposed(const T* dy, const T* y, int64_t S, int rows, T* panel, int64_t ld = MR) {
+// (dy itself for Act::none); dy and y have rows of S. FULL (rows == MR) leaves the row count a
+// constant, so that the L vectors of a block stay in registers (a run-time count put them on the
+// stack, a third of the packing's time). With MR <= L, whole blocks of L columns are transposed
+// in registers; the rest is copied an entry at a time.
+template <Act A, int MR, bool FULL, int VB, class T>
+KERNELS_INLINE void pack_transposed_tile(const T* dy, const T* y, int64_t S, int rows, T* panel, int64_t ld) {
   using V = Vec<T, VB>;
   constexpr int L = lanes<T, VB>;
+  const int n = FULL ? MR : rows;
   int64_t s0 = 0;
   if constexpr (MR <= L) {
     for (; s0 + L <= S; s0 += L) {
       V v[L];
-#pragma GCC unroll 16
-      for (int i = 0; i < L; ++i) {  // constant bounds: v stays in registers
-        const int64_t at = std::min(i, rows - 1) * S + s0;  // in bounds; rows past `rows` are zeroed
+      for (int i = 0; i < L; ++i) {
+        const int64_t at = std::min(i, n - 1) * S + s0;  // in bounds; rows past n are zeroed
         const V d = vload<T, VB>(dy + at);
-        const V g = A == Act::none ? d : activation_grad<A, T>(d, vload<T, VB>(y + at));
-        v[i] = i < rows ? g : V{};
+        v[i] = i >= n ? V{} : A == Act::none ? d : activation_grad<A, T>(d, vload<T, VB>(y + at));
       }
       transpose_square<L / 2, T, VB>(v);
-#pragma GCC unroll 16
       for (int c = 0; c < L; ++c) vstore_first<MR, T, VB>(panel + (s0 + c) * ld, v[c]);
     }
   }
   for (int64_t s = s0; s < S; ++s)
     for (int i = 0; i < MR; ++i)
-      panel[s * ld + i] = i < rows ? activation_grad<A, T>(dy[i * S + s], A == Act::none ? T(0) : y[i * S + s]) : T(0);
+      panel[s * ld + i] = i < n ? activation_grad<A, T>(dy[i * S + s], A == Act::none ? T(0) : y[i * S + s]) : T(0);
+}
+
+// dx's tiles are such panels of dz with ld = MR; the forward's panels of W^T are built from L
+// rows of W at a time (Act::none), with ld = the panel's width.
+template <Act A, int MR, int VB, class T>
+KERNELS_INLINE void pack_transposed(const T* dy, const T* y, int64_t S, int rows, T* panel, int64_t ld = MR) {
+  if (rows == MR)
+    pack_transposed_tile<A, MR, true, VB>(dy, y, S, rows, panel, ld);
+  else
+    pack_transposed_tile<A, MR, false, VB>(dy, y, S, rows, panel, ld);
 }
 
 // dW's tile: panel[s * MR + i] = dz(s, n0 + i) for s < M and i < rows (zeros up to MR), and

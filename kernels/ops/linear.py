@@ -90,8 +90,8 @@ def _check(x, weight, bias, activation) -> str:
         if (backend in SUPPORTED_DTYPES and dtype in SUPPORTED_DTYPES[backend] and weight.dtype is dtype
                 and len(w_shape) == 2 and len(x_shape) >= 1 and x_shape[-1] == w_shape[1] and same_device(x, weight)
                 and activation in reference.ACTIVATIONS
-                and (bias is None or (bias.dtype is dtype and len(b_shape := bias.shape) == 1 and b_shape[0] == w_shape[0]
-                                      and same_device(x, bias)))):
+                and (bias is None or (bias.dtype is dtype and len(b_shape := bias.shape) == 1
+                                      and b_shape[0] == w_shape[0] and same_device(x, bias)))):
             return backend
     return _check_each(x, weight, bias, activation)
 
