@@ -210,9 +210,12 @@ struct OuterTile {
   static constexpr int NV = VB == 64 ? 3 : 2;
 };
 
-// Reduction entries per pass over a C tile: the block of B it reads (kReductionBlock rows of
-// NV vectors, 24 KiB for float with AVX-512) stays in L1 while every tile of A streams past it.
-constexpr int64_t kReductionBlock = 128;
+// Reduction entries per pass over a C tile: the block of B it reads (rows of NV vectors, 24 KiB:
+// 128 rows for float with AVX-512, 384 with AVX2) stays in L1 while every tile of A streams past
+// it. Fewer passes over C pay where a tile of NV vectors is narrow: with AVX2 at 512x1024x1024
+// the backward took 13.0 ms on 2 threads in blocks of 128 rows, 12.1-12.3 in blocks of 256-512.
+template <class T, int VB>
+constexpr int64_t kReductionBlock = (int64_t(24) << 10) / (OuterTile<T, VB>::NV * VB);
 
 // The lanes of one stage of an L x L transpose held as L row vectors: rows r and r + H
 // (r & H == 0) swap their off-diagonal blocks of H lanes (row r takes FIRST's, row r + H the
@@ -399,23 +402,24 @@ class RowsPrefetch {
   int64_t stride_, lines_per_row_, lines_, line_ = 0, column_ = 0;
 };
 
-// C (R x K) = A . B, where `panels` holds A packed per MR rows and B (S x K) and C have rows of
-// K entries. Blocks of kReductionBlock rows of B outermost, so that the panels' share of A
-// (R x kReductionBlock) stays in L2 across the column tiles; each tile of NV vectors of such a
-// block is reused by every row tile of A. A tile of B is read in place, or copied first into a
+// C (R x K) = A . B, where `panels` holds A packed per MR rows and B (S x K) and C have rows of K
+// entries. Blocks of kReductionBlock rows of B outermost, so that the panels' share of A (R x
+// kReductionBlock) is read from the caches across the column tiles; each tile of NV vectors of such
+// a block is reused by every row tile of A. A tile of B is read in place, or copied first into a
 // contiguous buffer where its rows alias in L1 (K entries apart, e.g. K = 1024) and where the
-// ragged last tile needs zero padding. Where C is revisited (S > kReductionBlock), the next tile
-// of B and each tile of C are prefetched.
+// ragged last tile needs zero padding. Where C is revisited (S > kReductionBlock), the next tile of
+// B and each tile of C are prefetched.
 template <int VB, class T>
 KERNELS_INLINE void gemm_panels(const T* panels, int64_t R, int64_t S, const T* b, int64_t K, T* c) {
   constexpr int L = lanes<T, VB>;
   constexpr int MR = OuterTile<T, VB>::MR, NV = OuterTile<T, VB>::NV, KR = NV * L;
+  constexpr int64_t SB = kReductionBlock<T, VB>;
   const bool copy_all = rows_alias_in_l1(K * int64_t(sizeof(T)));
-  T* const block = copy_all || K % L ? scratch<T>(Scratch::block, std::min(S, kReductionBlock) * KR) : nullptr;
+  T* const block = copy_all || K % L ? scratch<T>(Scratch::block, std::min(S, SB) * KR) : nullptr;
   const int64_t row_tiles = (R + MR - 1) / MR;
   int64_t s0 = 0;
   do {  // at least once: an empty reduction (S = 0) stores zeros
-    const int64_t sc = std::min(kReductionBlock, S - s0);
+    const int64_t sc = std::min(SB, S - s0);
     for (int64_t k0 = 0; k0 < K; k0 += KR) {
       const int cols = int(std::min<int64_t>(KR, K - k0));
       const int nv = (cols + L - 1) / L;
@@ -433,12 +437,12 @@ KERNELS_INLINE void gemm_panels(const T* panels, int64_t R, int64_t S, const T* 
       const int64_t next_cols = std::max<int64_t>(0, std::min<int64_t>(KR, K - k0 - KR));
       RowsPrefetch next_tile(b + s0 * K + k0 + KR, next_cols ? sc : 0, next_cols * int64_t(sizeof(T)),
                              K * int64_t(sizeof(T)));
-      const int64_t lines_per_row_tile = S > kReductionBlock ? (next_tile.lines() + row_tiles - 1) / row_tiles : 0;
+      const int64_t lines_per_row_tile = S > SB ? (next_tile.lines() + row_tiles - 1) / row_tiles : 0;
       for (int64_t r0 = 0; r0 < R; r0 += MR, next_tile.next(lines_per_row_tile))
         outer_tile_fit<MR, NV, MR, T, VB>(int(std::min<int64_t>(MR, R - r0)), nv, panels + r0 * S + s0 * MR, 0, sc,
                                           tile, ld, c + r0 * K + k0, K, cols, s0 > 0);
     }
-  } while ((s0 += kReductionBlock) < S);
+  } while ((s0 += SB) < S);
 }
 
 // dx[m_begin, m_end) = dz W: packs those rows of dz in tiles of MR, then the GEMM against W.

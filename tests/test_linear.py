@@ -106,7 +106,7 @@ def test_mnist_layers(backend, shape, activation):
 
 
 # Shapes past every blocking boundary of the C++ GEMMs: several column tiles with a ragged
-# last one (K = 100, 1030), reductions longer than one block (M = 600, 300 for dW, N = 530 for
+# last one (K = 100, 1030), reductions longer than one block (M = 600 for dW, N = 530 for
 # dx), row counts that leave partial micro-tiles, rows 4 KiB apart (K = 1024, whose tiles are
 # copied before use); on one thread and on several.
 @pytest.mark.parametrize("threads", [1, 2])
@@ -150,10 +150,11 @@ def test_cpp_forward_forms(shape, bias, threads):
 def test_every_cpu_isa(cpu_isa, dtype):
     """The AVX-512, AVX2 and portable builds of the C++ kernels, each against nn.Linear: every
     activation, ragged tiles, the copied tiles of K = 1024, (66, 64, 40): with two threads the
-    forward splits its rows at 32, inside a tile of AVX2's 3 rows, and (160, 40, 140): backward
-    reductions longer than one block, so both GEMMs add to tiles they stored before."""
+    forward splits its rows at 32, inside a tile of AVX2's 3 rows, and (800, 24, 790): backward
+    reductions longer than one block on every ISA (128 to 768 rows), so both GEMMs add to tiles
+    they stored before."""
     for shape, activation in [((37, 70, 21), "relu"), ((9, 20, 7), "sigmoid"), ((5, 33, 3), "tanh"),
-                              ((40, 1024, 30), "none"), ((66, 64, 40), "relu"), ((160, 40, 140), "tanh")]:
+                              ((40, 1024, 30), "none"), ((66, 64, 40), "relu"), ((800, 24, 790), "tanh")]:
         x, w, b = make(*shape, device="cpu", dtype=dtype)
         check_against_nn(x, w, b, activation)
 
