@@ -79,3 +79,13 @@ def cpu_isa(request):
     _C.set_isa(request.param)
     yield request.param
     _C.set_isa(best)
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"{n}-thread")
+def threads(request):
+    """Runs the test with PyTorch's thread count (the C++ kernels' too) at 1, then 2, restoring
+    it afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)

