@@ -480,7 +480,8 @@ KERNELS_MULTIVERSION(grad_weight, grad_weight_impl)
 // ldb entries, nv vectors and `cols` valid columns of them. A function of its own (its
 // multiversioned wrappers are never inlined), so that the compiler allocates registers for the
 // micro-kernel alone: inlined into forward_outer, GCC kept the activation's zero in a register
-// throughout and spilled an accumulator to the stack (40 instead of 89 GFLOP/s at 64x128x64).
+// throughout and spilled an accumulator to the stack (the forward at 64x128x64 ran at 40 GFLOP/s,
+// 76 without the spill).
 template <int VB, class T>
 KERNELS_INLINE void outer_rows_impl(const T* a, int64_t lda, int64_t R, int64_t S, const T* b, int64_t ldb, T* c,
                                     int64_t ldc, int nv, int cols) {
@@ -536,11 +537,12 @@ void forward(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int6
   const int threads = threads_for(M * N * K, num_threads, int64_t(1) << 17);
   // The outer-product form pays for transposing W (about 0.14 ns an entry on Zen 3) by skipping
   // the dot-product tile's fold (about 1.4 ns an output, whatever K): it wins from M >= K / 8 on.
-  // One thread, against the dot-product form: 1.27x at 64x128x64, 1.54x at 64x64x64, 1.05x at
-  // 512x1024x1024, even at 64x784x128; at M = 4, 0.82x. Measured with float on AVX2 only:
-  // without FMA (portable) it ran 0.78-0.89x, with double 0.88-1.17x, and AVX-512 (whose 4 x 4
-  // dot-product tile ran at 81 GFLOP/s at 64x128x64 on Zen 5) is not measured yet. Its threads
-  // split the columns, each packing its own panels of W, in multiples of AVX2's 8 floats.
+  // One thread, against the dot-product form: 1.36x at 64x128x64, 1.54x at 64x64x64, 1.06x at
+  // 512x1024x1024, equal at 64x784x128 (left to the dot-product form); at M = 4, 0.82x. Measured
+  // with float on AVX2 only: without FMA (portable) it ran 0.78-0.89x, with double 0.88-1.17x,
+  // and AVX-512 (whose 4 x 4 dot-product tile ran at 81 GFLOP/s at 64x128x64 on Zen 5) is not
+  // measured yet. Its threads split the columns, each packing its own panels of W, in multiples
+  // of AVX2's 8 floats.
   if (std::is_same_v<T, float> && current_isa() == Isa::avx2 && M * 8 >= K && N >= 8 * threads) {
     dispatch_activation(act, [&](auto a) {
       parallel_for(threads, threads, [&](int64_t begin, int64_t end) {
