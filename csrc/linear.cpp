@@ -521,8 +521,8 @@ KERNELS_INLINE void forward_outer_impl(const T* x, const T* w, const T* b, T* y,
 KERNELS_MULTIVERSION(forward_outer, forward_outer_impl)
 
 // ---------------------------------------------------------------------------------------
-// Entry points. Each splits its rows (or, for the forward, the dimension with more tiles)
-// into one contiguous range of micro-tiles per thread.
+// Entry points. Each splits its rows (or, for the forward, its columns or the dimension with
+// more tiles) into one contiguous range of micro-tiles per thread.
 
 // Rows [begin, end) of thread t of `threads` when `rows` are dealt out in multiples of `granule`.
 inline std::pair<int64_t, int64_t> share(int64_t rows, int64_t granule, int t, int threads) {
@@ -541,28 +541,23 @@ void forward(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int6
   // 512x1024x1024, equal at 64x784x128 (left to the dot-product form); at M = 4, 0.82x. Measured
   // with float on AVX2 only: without FMA (portable) it ran 0.78-0.89x, with double 0.88-1.17x,
   // and AVX-512 (whose 4 x 4 dot-product tile ran at 81 GFLOP/s at 64x128x64 on Zen 5) is not
-  // measured yet. Its threads split the columns, each packing its own panels of W, in multiples
-  // of AVX2's 8 floats.
-  if (std::is_same_v<T, float> && current_isa() == Isa::avx2 && M * 8 >= K && N >= 8 * threads) {
-    dispatch_activation(act, [&](auto a) {
-      parallel_for(threads, threads, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          const auto [nb, ne] = share(N, 8, int(t), threads);
-          forward_outer(ptr<const T>(x), ptr<const T>(w), ptr<const T>(b), ptr<T>(y), M, N, K, nb, ne, a);
-        }
-      });
-    });
-    return;
-  }
-  // NR, and a multiple of MR except AVX2's 3: a thread's rows of the 64-row batch (split when
-  // N < M) end on a ragged tile, which costs what splitting at multiples of 12 costs in balance.
-  constexpr int64_t kGranule = 4;
-  const bool split_n = N >= M;  // the dimension with more tiles
+  // measured yet. Its threads split the columns, each packing its own panels of W, in whole
+  // vectors of AVX2.
+  constexpr int64_t kOuterGranule = lanes<float, 32>;
+  const bool outer = std::is_same_v<T, float> && current_isa() == Isa::avx2 && M * 8 >= K &&
+                     N >= kOuterGranule * threads;
+  // The dot-product form splits the dimension with more tiles, in multiples of NR (and of MR
+  // except AVX2's 3: a thread's rows of the 64-row batch, split when N < M, end on a ragged
+  // tile, which costs what splitting at multiples of 12 costs in balance).
+  const bool split_n = outer || N >= M;
+  const int64_t granule = outer ? kOuterGranule : 4;
   dispatch_activation(act, [&](auto a) {
     parallel_for(threads, threads, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const auto [rb, re] = share(split_n ? N : M, kGranule, int(t), threads);
-        if (split_n)
+        const auto [rb, re] = share(split_n ? N : M, granule, int(t), threads);
+        if (outer)
+          forward_outer(ptr<const T>(x), ptr<const T>(w), ptr<const T>(b), ptr<T>(y), M, N, K, rb, re, a);
+        else if (split_n)
           forward_block(ptr<const T>(x), ptr<const T>(w), ptr<const T>(b), ptr<T>(y), N, K, int64_t(0), M, rb, re, a);
         else
           forward_block(ptr<const T>(x), ptr<const T>(w), ptr<const T>(b), ptr<T>(y), N, K, rb, re, int64_t(0), N, a);
