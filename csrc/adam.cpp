@@ -120,7 +120,7 @@ void adam_group(const int64_t* table, int64_t rows, const Hyper& h, int num_thre
     *step += 1.0f;
     coeffs[r] = coefficients<T>(h, *step);
   }
-  walk_table(table, rows, kFields, num_threads, [&](int64_t r, int64_t begin, int64_t end) {
+  walk_table<T>(table, rows, kFields, num_threads, [&](int64_t r, int64_t begin, int64_t end) {
     adam_span_simd(table + r * kFields, begin, end, coeffs[r], O{});
   });
 }

@@ -60,7 +60,7 @@ KERNELS_MULTIVERSION(sgd_span_simd, sgd_span)
 
 template <class T, class O>
 void sgd_group(int64_t* table, int64_t rows, const Coefficients<T>& c, int num_threads) {
-  walk_table(table, rows, kFields, num_threads, [&](int64_t r, int64_t begin, int64_t end) {
+  walk_table<T>(table, rows, kFields, num_threads, [&](int64_t r, int64_t begin, int64_t end) {
     sgd_span_simd(table + r * kFields, begin, end, c, O{});
   });
   if constexpr (O::momentum)

@@ -445,12 +445,19 @@ def test_unsupported_dtypes_rejected(monkeypatch):
     assert len(opt.param_groups) == 1
 
 
-def test_cpu_threads_split_tensors():
+# Splits that cut a tensor (the first), and splits among odd-sized tensors, where each thread's
+# part starts at a cache-line multiple of a tensor's length (csrc/param_table.h's walk_table).
+SPLIT_SHAPES = [[(300, 301), (7,), (257,)], [(5,), (33_331,), (1,), (16_411,), (3,), (33_339,), (17,)]]
+
+
+@pytest.mark.parametrize("shapes", SPLIT_SHAPES)
+@pytest.mark.parametrize("num_threads", [2, 3])
+def test_cpu_threads_split_tensors(shapes, num_threads):
     """Enough elements for several threads: the threads' ranges cut through tensors."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
+    torch.set_num_threads(num_threads)
     try:
-        init, grads = make_problem("cpu", shapes=[(300, 301), (7,), (257,)], steps=5)
+        init, grads = make_problem("cpu", shapes=shapes, steps=5)
         for dtype in (torch.float32, torch.float64):
             ps = [p.to(dtype) for p in init]
             gs = [[g.to(dtype) for g in step] for step in grads]

@@ -6,8 +6,8 @@ import torch
 
 import kernels
 from kernels import FusedSGD
-from test_adam import (HAS_CUDA, STEPS, check_one_launch_per_group, check_state_dict_interchange, make_problem, train,
-                       train_beside_float32_masters)
+from test_adam import (HAS_CUDA, SPLIT_SHAPES, STEPS, check_one_launch_per_group, check_state_dict_interchange,
+                       make_problem, train, train_beside_float32_masters)
 
 LR = 0.05
 
@@ -221,12 +221,14 @@ def test_torch_reference_backend():
                 train(lambda ps: torch.optim.SGD(ps, **kwargs), init, grads), atol=0, rtol=0)
 
 
-def test_cpu_threads_split_tensors():
+@pytest.mark.parametrize("shapes", SPLIT_SHAPES)
+@pytest.mark.parametrize("num_threads", [2, 3])
+def test_cpu_threads_split_tensors(shapes, num_threads):
     """Enough elements for several threads: the threads' ranges cut through tensors."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
+    torch.set_num_threads(num_threads)
     try:
-        init, grads = make_problem("cpu", shapes=[(300, 301), (7,), (257,)], steps=5)
+        init, grads = make_problem("cpu", shapes=shapes, steps=5)
         kwargs = dict(lr=LR, momentum=0.9, nesterov=True)
         assert_same(train(lambda p: FusedSGD(p, **kwargs), init, grads),
                     train(lambda p: torch.optim.SGD(p, **kwargs), init, grads))
