@@ -2,6 +2,7 @@
 
 The models are the tutorial systems' own (examples/), plus the odd cases fuse must leave alone."""
 import copy
+import io
 
 import pytest
 import torch
@@ -114,12 +115,12 @@ def test_sequential_keeps_its_indices_and_the_report_says_what_changed(capsys):
     first, last = stack[0], stack[4]
     assert kernels.fuse(model, verbose=True) is model
     assert len(stack) == 5 and [type(m).__name__ for m in stack] == [
-        "FusedLinear", "Identity", "FusedLinear", "Identity", "FusedLinear"]
+        "FusedLinear", "Absorbed", "FusedLinear", "Absorbed", "FusedLinear"]
     assert stack[0].weight is first.weight and stack[4].bias is last.bias
     report = capsys.readouterr().out.splitlines()
     assert report[0] == "kernels.fuse(NeuralNetwork): 3 replacements (parameters and state_dict keys unchanged)"
     assert report[1].split() == ["linear_relu_stack.0,", "linear_relu_stack.1", "Linear(784,", "512),", "ReLU", "->",
-                                 "FusedLinear(activation='relu'),", "Identity"]
+                                 "FusedLinear(activation='relu'),", "Absorbed"]
     assert report[3].split()[:4] == ["linear_relu_stack.4", "Linear(128,", "10)", "->"]
     kernels.fuse(model, verbose=True)  # a second call finds nothing left
     assert capsys.readouterr().out == "kernels.fuse(NeuralNetwork): nothing to replace\n"
@@ -141,10 +142,28 @@ def test_only_exact_pairs_in_a_plain_sequential_are_fused():
     reference = copy.deepcopy(model)
     kernels.fuse(model)
     assert [type(m).__name__ for m in model[:8]] == ["FusedLinear", "Dropout", "ReLU", "FusedLinear", "ReLU6",
-                                                      "FusedLinear", "Identity", "Tanh"]
+                                                      "FusedLinear", "Absorbed", "Tanh"]
     assert [m.activation for m in _fused_layers(model)] == ["none", "none", "tanh", "none"]
     x = torch.randn(5, 4)
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_fused_sequential_compiles_whole_and_saves():
+    """The Absorbed placeholders (a __call__ of their own) let torch.compile trace the fused stack
+    as one graph, and the model pickles and loads like any other."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Sigmoid())
+    fused = kernels.fuse(copy.deepcopy(plain))
+    assert str(fused[1]) == "Absorbed(relu: applied by the FusedLinear before it)"
+    x = torch.randn(64, 8)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-6)
+    saved = io.BytesIO()
+    torch.save(fused, saved)
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    assert [type(m).__name__ for m in loaded] == ["FusedLinear", "Absorbed", "FusedLinear", "Absorbed"]
+    torch.testing.assert_close(loaded(x), plain(x), rtol=1e-5, atol=1e-6)
 
 
 def test_modules_that_are_not_plain_linear_layers_are_left_alone(capsys):
