@@ -325,6 +325,27 @@ def test_zero_grad_and_closure(backend):
     assert ours_losses == pytest.approx(theirs_losses, rel=1e-6)
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_does_what_torch_does(set_to_none):
+    """Our zero_grad (its own loop for set_to_none=True) leaves every gradient as torch.optim's
+    does: None, or zeros in the same tensor, detached; parameters of every group, those
+    without a gradient left alone."""
+    def run(cls):
+        torch.manual_seed(0)
+        a, b, c = (torch.randn(n, requires_grad=True) for n in (3, 4, 5))
+        opt = cls([{"params": [a, b]}, {"params": [c], "lr": 0.1}])
+        (a.sum() * 2 + c.square().sum()).backward()  # b gets no gradient
+        a.grad = a.grad.clone().requires_grad_()  # one that autograd would record ops on
+        grads = [p.grad for p in (a, b, c)]
+        opt.zero_grad(set_to_none=set_to_none)
+        return [(p.grad is None, p.grad is g, None if p.grad is None else (p.grad.tolist(), p.grad.requires_grad))
+                for p, g in zip((a, b, c), grads)]
+
+    ours, theirs = run(FusedAdam), run(torch.optim.Adam)
+    assert ours == theirs
+    assert [none for none, _, _ in ours] == ([True, True, True] if set_to_none else [False, True, False])
+
+
 def test_step_hooks():
     """Step pre/post hooks run as in torch.optim (their wrapper only runs when one is registered)."""
     p = torch.zeros(3, requires_grad=True)

@@ -474,6 +474,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if isinstance(saved.get(key), torch.Tensor):
                         state[key] = saved[key].detach().to(device=p.device, dtype=state_dtype(p), copy=True)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim.Optimizer.zero_grad. With ``set_to_none`` (the default) the gradients are
+        set to None here, without the profiler range that torch's wraps around that loop: its
+        ``record_function`` costs 8-11 us a call when no profiler runs, ten times the loop over a
+        small model's parameters (3 % of a step of the toy 1-2-1 tutorial network). Zeroing in
+        place (``set_to_none=False``) and a traced call are torch's own."""
+        if not set_to_none or torch.compiler.is_compiling():
+            return super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad = None
+
     def step(self, closure=None):
         """One step for every parameter that has a gradient; returns ``closure()``'s loss."""
         loss = None
