@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from tests.conftest import HAS_CUDA
+from tests.conftest import HAS_CUDA, Backend, _backends
 
 # Triton's interpreter evaluates masked-off lanes too (e.g. exp(-inf - -inf)); their NaNs are discarded.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
@@ -605,19 +605,27 @@ def test_tiny_cpu_losses_run_pytorchs_op_unless_forced_or_inplace(monkeypatch):
 # --------------------------------------------------------------------------------------------
 # Errors
 
+@pytest.fixture(params=[*_backends(), Backend("unforced", torch.device("cpu"))], ids=str)
+def checked(request) -> Backend:
+    """Each backend forced, and the CPU unforced, where a small call goes to F.cross_entropy
+    before any check of ours and its refusal is replaced by the error our checks raise."""
+    kernels.set_backend(None if request.param.name == "unforced" else request.param.name)
+    return request.param
+
+
 @pytest.mark.parametrize("bad", [10, -1, -101], ids=["C", "negative", "below-ignore"])
-def test_target_out_of_range(backend, bad):
-    logits = torch.randn(4, 10, dtype=_dtype(backend), device=backend.device, requires_grad=True)
-    target = torch.tensor([1, bad, 2, -100], device=backend.device)
+def test_target_out_of_range(checked, bad):
+    logits = torch.randn(4, 10, dtype=_dtype(checked), device=checked.device, requires_grad=True)
+    target = torch.tensor([1, bad, 2, -100], device=checked.device)
     with pytest.raises(ValueError, match=rf"target\[1\] = {bad} is out of range for 10 classes"):
         kernels.cross_entropy(logits, target)
     with pytest.raises(ValueError, match="out of range"):
         kernels.cross_entropy(logits.detach(), target, reduction="none")
 
 
-def test_bad_arguments(backend):
-    dtype = _dtype(backend)
-    dev = backend.device
+def test_bad_arguments(checked):
+    dtype = _dtype(checked)
+    dev = checked.device
     logits = torch.randn(4, 10, dtype=dtype, device=dev)
     target = torch.randint(0, 10, (4,), device=dev)
     ce = kernels.cross_entropy
@@ -657,13 +665,13 @@ def test_bad_arguments(backend):
         ce(logits[:, :0], target)
 
 
-def test_ignore_index_and_label_smoothing_types(backend):
+def test_ignore_index_and_label_smoothing_types(checked):
     """The errors PyTorch's F.cross_entropy gives: TypeError for a float or bool ignore_index or a
     non-number label_smoothing, ValueError for an ignore_index outside int64; a 0-d integer
     tensor is an index, as there."""
-    dtype = _dtype(backend)
-    logits = torch.randn(4, 10, dtype=dtype, device=backend.device)
-    target = torch.tensor([1, 2, 3, 4], device=backend.device)
+    dtype = _dtype(checked)
+    logits = torch.randn(4, 10, dtype=dtype, device=checked.device)
+    target = torch.tensor([1, 2, 3, 4], device=checked.device)
     for bad, error in ((1.7, TypeError), (True, TypeError), ("3", TypeError), (2**64, ValueError),
                        (2**63, ValueError), (-2**63 - 1, ValueError)):
         with pytest.raises(error):
