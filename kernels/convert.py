@@ -32,6 +32,7 @@ are not carried over. A Linear whose parameters are not its own plain ``weight``
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -68,20 +69,38 @@ class _Report:
 
 class Absorbed(nn.Identity):
     """Where ``fuse`` took an activation module out of an nn.Sequential (the FusedLinear before it
-    applies that activation now): returns its input, and keeps the Sequential's length, indices
-    and state_dict keys. It is called without nn.Module's call machinery, so hooks registered on
-    it do not run: that machinery cost about 1 us a call, a tenth of what a layer of a
-    tutorial's toy network costs on the CPU."""
+    applies that activation now): returns its input, the activation's output, and keeps the
+    Sequential's length, indices and state_dict keys. Until a forward or backward hook is
+    registered on it, it is called without nn.Module's call machinery, which cost about 1 us a
+    call, a tenth of what a layer of a tutorial's toy network costs on the CPU; from then on,
+    through it, so its hooks run as they ran on the activation module (global module hooks,
+    ``nn.modules.module.register_module_forward_hook``, do not run on it)."""
 
     def __init__(self, activation: str) -> None:
         super().__init__()
         self.activation = activation
+        self.hooked = False  # a hook was registered: calls go through nn.Module's machinery
 
     def __call__(self, input):
-        return input
+        return super().__call__(input) if self.hooked else input
 
     def extra_repr(self) -> str:
         return f"{self.activation}: applied by the FusedLinear before it"
+
+
+def _registering(register):
+    """nn.Module's ``register`` (a hook registration method), first switching the module's calls
+    to nn.Module's machinery."""
+    def register_hook(self, *args, **kwargs):
+        self.hooked = True
+        return register(self, *args, **kwargs)
+
+    return functools.wraps(register)(register_hook)
+
+
+for _name in ("register_forward_pre_hook", "register_forward_hook", "register_full_backward_pre_hook",
+              "register_full_backward_hook", "register_backward_hook"):
+    setattr(Absorbed, _name, _registering(getattr(nn.Module, _name)))
 
 
 def _describe_linear(m: nn.Module) -> str:

@@ -166,6 +166,26 @@ def test_a_fused_sequential_compiles_whole_and_saves():
     torch.testing.assert_close(loaded(x), plain(x), rtol=1e-5, atol=1e-6)
 
 
+def test_hooks_on_an_absorbed_activation_run_as_on_the_activation():
+    """A forward or backward hook registered on the Absorbed placeholder sees what one on the
+    activation module it replaced sees: the activation's output and its gradient."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    fused = kernels.fuse(copy.deepcopy(plain))
+    assert not fused[1].hooked
+    seen = {"plain": [], "fused": []}
+    for name, model in (("plain", plain), ("fused", fused)):
+        model[1].register_forward_hook(lambda m, i, o, name=name: seen[name].append(o.detach().clone()))
+        model[1].register_full_backward_hook(lambda m, gi, go, name=name: seen[name].append(go[0].clone()))
+    assert fused[1].hooked
+    x = torch.randn(3, 4)
+    for model in (plain, fused):
+        model(x).square().sum().backward()
+    assert len(seen["fused"]) == len(seen["plain"]) == 2
+    for ours, theirs in zip(seen["fused"], seen["plain"]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_modules_that_are_not_plain_linear_layers_are_left_alone(capsys):
     class MyLinear(nn.Linear):
         def forward(self, x):
