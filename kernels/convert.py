@@ -28,8 +28,9 @@ no state, so the state_dict keys do not change at all: a state_dict saved before
 by the plain PyTorch model, loads into the fused model, and the fused model's into the plain
 one. Nothing is copied and no random numbers are drawn. Hooks registered on a replaced module
 are not carried over; a hook on a FusedLinear that absorbed an activation sees the activated
-output, and one on the ``Absorbed`` placeholder sees what one on the activation module saw. A Linear whose parameters are not its own plain ``weight``/``bias``
-(weight norm, spectral norm) is left alone.
+output, and one on the ``Absorbed`` placeholder sees what one on the activation module saw. A
+Linear whose parameters are not its own plain ``weight``/``bias`` (weight norm, spectral norm)
+is left alone.
 """
 from __future__ import annotations
 
