@@ -4,7 +4,8 @@ Build requirement: pybind11 >= 2.11 (pyproject.toml's build-system; pip installs
 isolated build environment, but with ``--no-build-isolation`` it must already be installed).
 
 The extension does not link against libtorch: tensors cross as raw data pointers whose
-shapes, dtypes and strides the Python layer has already checked. Each kernel is compiled
+shapes, dtypes and strides the Python layer has already checked. (The optimizers' per-step table
+check, csrc/param_table.cpp, is the one piece that reads Python objects, through CPython's API.) Each kernel is compiled
 for AVX-512, AVX2+FMA and portable x86-64 in the same object (see csrc/common.h) and the
 variant is picked at run time, so the default build never uses -march=native.
 

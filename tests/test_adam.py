@@ -449,6 +449,34 @@ def test_table_layouts_match_the_cpp_kernels():
     assert ADAM_LAYOUT[-1] == SGD_LAYOUT[-1] == "numel"  # where csrc/param_table.h reads it
 
 
+def test_table_status_codes_match_the_cpp_guard():
+    """csrc/param_table.cpp's TableGuard returns the statuses defined in Python."""
+    from kernels import _C
+    from kernels.ops.param_table import CURRENT, GRADIENTS
+
+    assert _C.table_status_codes["current"] == CURRENT and _C.table_status_codes["gradients"] == GRADIENTS
+    assert _C.table_status_codes["other"] not in (CURRENT, GRADIENTS)
+
+
+@pytest.mark.parametrize("cls", [FusedAdam, kernels.FusedSGD, torch.optim.Adam])
+def test_an_optimizer_in_a_reference_cycle_is_collected(cls):
+    """The table's guard (C++) holds the parameters, gradients and states it checks, and shows
+    them to Python's garbage collector: a cycle through a parameter (an attribute holding the
+    optimizer) is collected, as with torch.optim's."""
+    def make():
+        p = torch.randn(10, requires_grad=True)
+        opt = cls([p], lr=0.1)
+        p.optimizer = opt
+        for _ in range(2):
+            p.grad = torch.ones(10)
+            opt.step()
+        return weakref.ref(opt), weakref.ref(p)
+
+    refs = make()
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+
+
 def test_mixed_devices_rejected():
     with pytest.raises(ValueError, match="own parameter group"):
         FusedAdam([torch.zeros(2, requires_grad=True), torch.zeros(2, device="meta", requires_grad=True)])
