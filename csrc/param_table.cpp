@@ -159,6 +159,16 @@ class TableGuard {
   bool cleared_ = false;
 };
 
+// Whether the C++ object of a Python TableGuard exists (its __init__ has run).
+bool constructed(PyObject* self) {
+#if PYBIND11_VERSION_MAJOR >= 3
+  return py::detail::is_holder_constructed(self);
+#else
+  (void)self;
+  return true;  // pybind11 2.x has no such test; its custom_type_setup example assumes this
+#endif
+}
+
 // The garbage collector's hooks on the Python type (pybind11's documented custom_type_setup
 // pattern).
 void collectable(PyHeapTypeObject* heap_type) {
@@ -166,11 +176,11 @@ void collectable(PyHeapTypeObject* heap_type) {
   type->tp_flags |= Py_TPFLAGS_HAVE_GC;
   type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) -> int {
     Py_VISIT(Py_TYPE(self));
-    if (!py::detail::is_holder_constructed(self)) return 0;
+    if (!constructed(self)) return 0;
     return py::cast<const TableGuard&>(py::handle(self)).traverse(visit, arg);
   };
   type->tp_clear = [](PyObject* self) -> int {
-    if (py::detail::is_holder_constructed(self)) py::cast<TableGuard&>(py::handle(self)).clear();
+    if (constructed(self)) py::cast<TableGuard&>(py::handle(self)).clear();
     return 0;
   };
 }
