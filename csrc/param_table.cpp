@@ -5,7 +5,8 @@
 // shape, optimizer.state's entries and each state tensor by identity, and each gradient by
 // identity and address. Those are 0.1-0.2 us apiece as Python attribute reads and list
 // comparisons: the whole check took 5.6 us of the MNIST MLP's 21 us SGD step (inside
-// torch.optim's step wrapper) in Python, and much more between a training step's other calls.
+// torch.optim's step wrapper) in Python on a Zen 3, and takes 2.7 us here, most of it the
+// tensors' own attribute getters.
 //
 // Unlike the kernels it works on Python objects, through CPython's API: it runs with the GIL
 // held and calls the tensors' public Python methods (no libtorch). It holds references to those
