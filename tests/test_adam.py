@@ -500,20 +500,15 @@ SPLIT_SHAPES = [[(300, 301), (7,), (257,)], [(5,), (33_331,), (1,), (16_411,), (
 
 
 @pytest.mark.parametrize("shapes", SPLIT_SHAPES)
-@pytest.mark.parametrize("num_threads", [2, 3])
-def test_cpu_threads_split_tensors(shapes, num_threads):
+@pytest.mark.parametrize("threads", [2, 3], indirect=True, ids=lambda n: f"{n}-thread")
+def test_cpu_threads_split_tensors(shapes, threads):
     """Enough elements for several threads: the threads' ranges cut through tensors."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        init, grads = make_problem("cpu", shapes=shapes, steps=5)
-        for dtype in (torch.float32, torch.float64):
-            ps = [p.to(dtype) for p in init]
-            gs = [[g.to(dtype) for g in step] for step in grads]
-            assert_same(train(lambda p: FusedAdam(p, lr=LR), ps, gs),
-                        train(lambda p: torch.optim.Adam(p, lr=LR), ps, gs))
-    finally:
-        torch.set_num_threads(threads)
+    init, grads = make_problem("cpu", shapes=shapes, steps=5)
+    for dtype in (torch.float32, torch.float64):
+        ps = [p.to(dtype) for p in init]
+        gs = [[g.to(dtype) for g in step] for step in grads]
+        assert_same(train(lambda p: FusedAdam(p, lr=LR), ps, gs),
+                    train(lambda p: torch.optim.Adam(p, lr=LR), ps, gs))
 
 
 def test_torch_reference_backend(monkeypatch):

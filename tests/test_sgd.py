@@ -222,18 +222,13 @@ def test_torch_reference_backend():
 
 
 @pytest.mark.parametrize("shapes", SPLIT_SHAPES)
-@pytest.mark.parametrize("num_threads", [2, 3])
-def test_cpu_threads_split_tensors(shapes, num_threads):
+@pytest.mark.parametrize("threads", [2, 3], indirect=True, ids=lambda n: f"{n}-thread")
+def test_cpu_threads_split_tensors(shapes, threads):
     """Enough elements for several threads: the threads' ranges cut through tensors."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        init, grads = make_problem("cpu", shapes=shapes, steps=5)
-        kwargs = dict(lr=LR, momentum=0.9, nesterov=True)
-        assert_same(train(lambda p: FusedSGD(p, **kwargs), init, grads),
-                    train(lambda p: torch.optim.SGD(p, **kwargs), init, grads))
-    finally:
-        torch.set_num_threads(threads)
+    init, grads = make_problem("cpu", shapes=shapes, steps=5)
+    kwargs = dict(lr=LR, momentum=0.9, nesterov=True)
+    assert_same(train(lambda p: FusedSGD(p, **kwargs), init, grads),
+                train(lambda p: torch.optim.SGD(p, **kwargs), init, grads))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
