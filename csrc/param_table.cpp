@@ -13,6 +13,8 @@
 // objects, and takes part in Python's garbage collection (pybind11's custom_type_setup, as its
 // documentation shows): otherwise a cycle through it (a parameter whose attribute holds the
 // optimizer) would never be collected.
+#include <array>
+
 #include <pybind11/stl.h>
 
 #include "common.h"
@@ -72,6 +74,8 @@ class TableGuard {
 
   // kCurrent: the table describes the group. kGradients: everything is as it was but some
   // gradients are other tensors or at other addresses (none is None). kOther: anything else.
+  // Only the code: the caller reads the new gradients again on the rare kGradients path (0.4 us
+  // for six), rather than every current step paying for a tuple and a list (0.3 us).
   int status() const {
     if (cleared_) return kOther;
     static PyObject* const shape = interned("shape");
@@ -117,18 +121,15 @@ class TableGuard {
   }
 
   // Python's garbage collector: visit every object held; drop them all (status() then says kOther).
-  int traverse(visitproc visit, void* arg) const {
-    for (const auto* list : {&params_, &shapes_, &state_dicts_, &state_names_, &state_tensors_, &rowless_, &grads_,
-                             &keys_, &values_})
+  int traverse(visitproc visit, void* arg) {
+    for (std::vector<py::object>* list : held())
       for (const py::object& o : *list) Py_VISIT(o.ptr());
     Py_VISIT(states_.ptr());
     return 0;
   }
   void clear() {
     cleared_ = true;
-    for (auto* list : {&params_, &shapes_, &state_dicts_, &state_names_, &state_tensors_, &rowless_, &grads_,
-                       &keys_, &values_})
-      list->clear();
+    for (std::vector<py::object>* list : held()) list->clear();
     states_ = py::none();
   }
 
@@ -146,6 +147,11 @@ class TableGuard {
   }
 
  private:
+  // Every list of objects the guard holds (besides states_).
+  std::array<std::vector<py::object>*, 9> held() {
+    return {&params_, &shapes_, &state_dicts_, &state_names_, &state_tensors_, &rowless_, &grads_, &keys_, &values_};
+  }
+
   static std::vector<py::object> objects(const py::list& list) {
     std::vector<py::object> out;
     out.reserve(list.size());
@@ -178,7 +184,7 @@ void collectable(PyHeapTypeObject* heap_type) {
   type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) -> int {
     Py_VISIT(Py_TYPE(self));
     if (!constructed(self)) return 0;
-    return py::cast<const TableGuard&>(py::handle(self)).traverse(visit, arg);
+    return py::cast<TableGuard&>(py::handle(self)).traverse(visit, arg);
   };
   type->tp_clear = [](PyObject* self) -> int {
     if (constructed(self)) py::cast<TableGuard&>(py::handle(self)).clear();
