@@ -1,7 +1,8 @@
 // The check, before every optimizer step, that a parameter group's tensor table still describes
 // the group (kernels/ops/param_table.py: the rule is in its docstring, GroupTable.quick_status
 // calls this, GroupTable.changes says in words what changed). It compares the Python objects the
-// table was made from with what the group holds now: each parameter's address (data_ptr()) and
+// table was made from with what the group holds now: the group dict, its params list and length,
+// the truth of the group options that shape the rows, each parameter's address (data_ptr()) and
 // shape, optimizer.state's entries and each state tensor by identity, and each gradient by
 // identity and address. Those are 0.1-0.2 us apiece as Python attribute reads and list
 // comparisons: the whole check took 5.6 us of the MNIST MLP's 21 us SGD step (inside
@@ -32,32 +33,52 @@ PyObject* interned(const char* name) {
   return s;  // kept for the life of the process
 }
 
-// t.data_ptr() of a tensor.
-int64_t data_ptr(PyObject* t) {
-  static PyObject* const name = interned("data_ptr");
-  const py::object address = py::reinterpret_steal<py::object>(PyObject_CallMethodNoArgs(t, name));
-  if (!address) throw py::error_already_set();
-  const int64_t value = PyLong_AsLongLong(address.ptr());
-  if (value == -1 && PyErr_Occurred()) throw py::error_already_set();
-  return value;
-}
-
 py::object attribute(PyObject* o, PyObject* name) {
   py::object value = py::reinterpret_steal<py::object>(PyObject_GetAttr(o, name));
   if (!value) throw py::error_already_set();
   return value;
 }
 
+// o.name()
+py::object call(PyObject* o, PyObject* name) {
+  py::object value = py::reinterpret_steal<py::object>(PyObject_CallMethodNoArgs(o, name));
+  if (!value) throw py::error_already_set();
+  return value;
+}
+
+// value == expected, in Python's terms
+bool equal(const py::object& value, PyObject* expected) {
+  const int same = PyObject_RichCompareBool(value.ptr(), expected, Py_EQ);
+  if (same < 0) throw py::error_already_set();
+  return same == 1;
+}
+
+// t.data_ptr() of a tensor.
+int64_t data_ptr(PyObject* t) {
+  static PyObject* const name = interned("data_ptr");
+  const int64_t value = PyLong_AsLongLong(call(t, name).ptr());
+  if (value == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return value;
+}
+
 class TableGuard {
  public:
-  // The rows' parameters with the addresses and shapes they had and the gradients (and their
-  // addresses) the rows hold; optimizer.state; each state tensor in the table with its state
+  // The parameter group (a dict) with the keys of its options that shape the rows and their truth;
+  // the rows' parameters with the addresses and shapes they had, the gradients (and their
+  // addresses) the rows hold and the form a new gradient must have to take a row's place
+  // (has_form; None: it never may); optimizer.state; each state tensor in the table with its state
   // dict and key; the group's parameters without a row (they had no gradient).
-  TableGuard(const py::list& params, const std::vector<int64_t>& addresses, const py::list& shapes,
-             const py::list& grads, const std::vector<int64_t>& grad_addresses, py::object states,
-             const py::list& state_dicts, const py::list& state_names, const py::list& state_tensors,
-             const py::list& rowless)
-      : params_(objects(params)),
+  TableGuard(py::dict group, const py::list& option_keys, const std::vector<bool>& options, const py::list& params,
+             const std::vector<int64_t>& addresses, const py::list& shapes, const py::list& grads,
+             const std::vector<int64_t>& grad_addresses, const py::list& forms, py::object states,
+             const py::list& state_dicts,
+             const py::list& state_names, const py::list& state_tensors, const py::list& rowless)
+      : group_(std::move(group)),
+        group_params_(group_.cast<py::dict>()["params"]),
+        num_group_params_(py::len(group_params_)),
+        option_keys_(objects(option_keys)),
+        options_(options),
+        params_(objects(params)),
         shapes_(objects(shapes)),
         state_dicts_(objects(state_dicts)),
         state_names_(objects(state_names)),
@@ -65,34 +86,51 @@ class TableGuard {
         rowless_(objects(rowless)),
         addresses_(addresses),
         states_(std::move(states)) {
-    if (addresses_.size() != params_.size() || shapes_.size() != params_.size() ||
-        state_names_.size() != state_dicts_.size() || state_tensors_.size() != state_dicts_.size())
+    if (options_.size() != option_keys_.size() || addresses_.size() != params_.size() ||
+        shapes_.size() != params_.size() || state_names_.size() != state_dicts_.size() ||
+        state_tensors_.size() != state_dicts_.size())
       throw std::invalid_argument("TableGuard: lists of different lengths");
-    set_gradients(grads, grad_addresses);
+    set_gradients(grads, grad_addresses, forms);
     remember_states();
   }
 
-  // kCurrent: the table describes the group. kGradients: everything is as it was but some
-  // gradients are other tensors or at other addresses (none is None). kOther: anything else.
-  // Only the code: the caller reads the new gradients again on the rare kGradients path (0.4 us
-  // for six), rather than every current step paying for a tuple and a list (0.3 us).
-  int status() const {
-    if (cleared_) return kOther;
+  // For `group` (a dict) of an optimizer whose state is `states`: kCurrent, the table describes
+  // the group. kGradients: everything is as it was but some gradients are other tensors or at
+  // other addresses, each of its row's form (the gradients are then held for
+  // accept_gradients()). kOther: anything else. Only the code: a current step does not pay for
+  // a tuple and a list (0.3 us).
+  int status(const py::handle& group, const py::handle& states) {
+    drop_pending();
+    if (cleared_ || group.ptr() != group_.ptr() || states.ptr() != states_.ptr()) return kOther;
+    static PyObject* const params_key = interned("params");
     static PyObject* const shape = interned("shape");
     static PyObject* const grad = interned("grad");
+    PyObject* group_params = PyDict_GetItemWithError(group_.ptr(), params_key);  // borrowed
+    if (group_params == nullptr && PyErr_Occurred()) throw py::error_already_set();
+    if (group_params != group_params_.ptr()) return kOther;
+    const Py_ssize_t num_group_params = PyObject_Size(group_params);
+    if (num_group_params < 0) throw py::error_already_set();
+    if (size_t(num_group_params) != num_group_params_) return kOther;
+    for (size_t k = 0; k < option_keys_.size(); ++k) {
+      PyObject* value = PyDict_GetItemWithError(group_.ptr(), option_keys_[k].ptr());  // borrowed
+      if (value == nullptr) {
+        if (PyErr_Occurred()) throw py::error_already_set();
+        return kOther;
+      }
+      const int truth = PyObject_IsTrue(value);
+      if (truth < 0) throw py::error_already_set();
+      if (bool(truth) != options_[k]) return kOther;
+    }
     for (size_t i = 0; i < params_.size(); ++i) {
       PyObject* p = params_[i].ptr();
       if (data_ptr(p) != addresses_[i]) return kOther;
-      const int same_shape = PyObject_RichCompareBool(attribute(p, shape).ptr(), shapes_[i].ptr(), Py_EQ);
-      if (same_shape < 0) throw py::error_already_set();
-      if (!same_shape) return kOther;
+      if (!equal(attribute(p, shape), shapes_[i].ptr())) return kOther;
     }
     // optimizer.state holds the same parameters' same state dicts, in the same order.
-    PyObject* states = states_.ptr();
-    if (!PyDict_Check(states) || size_t(PyDict_Size(states)) != keys_.size()) return kOther;
+    if (!PyDict_Check(states.ptr()) || size_t(PyDict_Size(states.ptr())) != keys_.size()) return kOther;
     Py_ssize_t position = 0;
     PyObject *key, *value;
-    for (size_t j = 0; PyDict_Next(states, &position, &key, &value); ++j)
+    for (size_t j = 0; PyDict_Next(states.ptr(), &position, &key, &value); ++j)
       if (key != keys_[j].ptr() || value != values_[j].ptr()) return kOther;
     for (size_t j = 0; j < state_tensors_.size(); ++j) {
       PyObject* dict = state_dicts_[j].ptr();
@@ -103,33 +141,67 @@ class TableGuard {
     }
     for (const py::object& p : rowless_)
       if (!attribute(p.ptr(), grad).is_none()) return kOther;
+    // The gradients: each row's the object it holds, at the address it holds (kCurrent); or some
+    // new ones (another object, or another address), each of its row's form (kGradients).
     bool changed = false;
     for (size_t i = 0; i < params_.size(); ++i) {
-      const py::object g = attribute(params_[i].ptr(), grad);
+      py::object g = attribute(params_[i].ptr(), grad);
       if (g.is_none()) return kOther;
-      changed = changed || g.ptr() != grads_[i].ptr() || data_ptr(g.ptr()) != grad_addresses_[i];
+      // a new object's form first: a sparse tensor has no data_ptr()
+      const bool same_object = g.ptr() == grads_[i].ptr();
+      if (!same_object && !has_form(g.ptr(), forms_[i].ptr())) return kOther;
+      const int64_t address = data_ptr(g.ptr());
+      const bool moved = same_object && address != grad_addresses_[i];
+      if (moved && !has_form(g.ptr(), forms_[i].ptr())) return kOther;
+      changed = changed || !same_object || moved;
+      pending_grads_.push_back(std::move(g));
+      pending_addresses_.push_back(address);
     }
+    if (!changed) drop_pending();
     return changed ? kGradients : kCurrent;
   }
 
-  // The rows now hold these gradients, at these addresses.
-  void set_gradients(const py::list& grads, const std::vector<int64_t>& addresses) {
-    if (size_t(py::len(grads)) != params_.size() || addresses.size() != params_.size())
-      throw std::invalid_argument("TableGuard.set_gradients: one gradient and address per row");
+  // After status() said kGradients: (gradients, addresses) of the rows as status() found them
+  // (a list each), which the rows hold from now on.
+  py::tuple accept_gradients() {
+    if (pending_grads_.size() != params_.size())
+      throw std::logic_error("TableGuard.accept_gradients: status() found no new gradients to accept");
+    grads_.swap(pending_grads_);
+    grad_addresses_.swap(pending_addresses_);
+    drop_pending();
+    py::list grads(grads_.size()), addresses(grads_.size());
+    for (size_t i = 0; i < grads_.size(); ++i) {
+      grads[i] = grads_[i];
+      addresses[i] = py::int_(grad_addresses_[i]);
+    }
+    return py::make_tuple(grads, addresses);
+  }
+
+  // The rows now hold these gradients, at these addresses; `forms` as in the constructor.
+  void set_gradients(const py::list& grads, const std::vector<int64_t>& addresses, const py::list& forms) {
+    if (size_t(py::len(grads)) != params_.size() || addresses.size() != params_.size() ||
+        size_t(py::len(forms)) != params_.size())
+      throw std::invalid_argument("TableGuard.set_gradients: one gradient, address and form per row");
     grads_ = objects(grads);
     grad_addresses_ = addresses;
+    forms_ = objects(forms);
+    drop_pending();
   }
 
   // Python's garbage collector: visit every object held; drop them all (status() then says kOther).
   int traverse(visitproc visit, void* arg) {
     for (std::vector<py::object>* list : held())
       for (const py::object& o : *list) Py_VISIT(o.ptr());
+    Py_VISIT(group_.ptr());
+    Py_VISIT(group_params_.ptr());
     Py_VISIT(states_.ptr());
     return 0;
   }
   void clear() {
     cleared_ = true;
     for (std::vector<py::object>* list : held()) list->clear();
+    group_ = py::none();
+    group_params_ = py::none();
     states_ = py::none();
   }
 
@@ -147,9 +219,33 @@ class TableGuard {
   }
 
  private:
-  // Every list of objects the guard holds (besides states_).
-  std::array<std::vector<py::object>*, 9> held() {
-    return {&params_, &shapes_, &state_dicts_, &state_names_, &state_tensors_, &rowless_, &grads_, &keys_, &values_};
+  // Every list of objects the guard holds (besides group_, group_params_ and states_).
+  std::array<std::vector<py::object>*, 12> held() {
+    return {&option_keys_, &params_, &shapes_, &state_dicts_, &state_names_, &state_tensors_,
+            &rowless_,     &grads_,  &forms_,  &pending_grads_, &keys_,      &values_};
+  }
+
+  void drop_pending() {
+    pending_grads_.clear();
+    pending_addresses_.clear();
+  }
+
+  // Whether tensor t has the form (dtype, layout, shape, strides, device index) `form` (the
+  // tuple kernels/ops/param_table.py's grad_form makes), or False where the form is None.
+  static bool has_form(PyObject* t, PyObject* form) {
+    static PyObject* const dtype = interned("dtype");
+    static PyObject* const layout = interned("layout");
+    static PyObject* const shape = interned("shape");
+    static PyObject* const stride = interned("stride");
+    static PyObject* const get_device = interned("get_device");
+    if (form == Py_None) return false;
+    if (!PyTuple_Check(form) || PyTuple_GET_SIZE(form) != 5)
+      throw std::invalid_argument("TableGuard: a gradient form is a tuple of 5 or None");
+    // the layout before the strides: a sparse tensor has none
+    return equal(attribute(t, dtype), PyTuple_GET_ITEM(form, 0)) &&
+           equal(attribute(t, layout), PyTuple_GET_ITEM(form, 1)) &&
+           equal(attribute(t, shape), PyTuple_GET_ITEM(form, 2)) && equal(call(t, stride), PyTuple_GET_ITEM(form, 3)) &&
+           equal(call(t, get_device), PyTuple_GET_ITEM(form, 4));
   }
 
   static std::vector<py::object> objects(const py::list& list) {
@@ -159,8 +255,16 @@ class TableGuard {
     return out;
   }
 
+  py::object group_;  // a dict
+  py::object group_params_;
+  size_t num_group_params_;
+  std::vector<py::object> option_keys_;
+  std::vector<bool> options_;
   std::vector<py::object> params_, shapes_, state_dicts_, state_names_, state_tensors_, rowless_, grads_;
   std::vector<int64_t> addresses_, grad_addresses_;
+  std::vector<py::object> forms_;  // per row: the form a new gradient must have (has_form), or None
+  std::vector<py::object> pending_grads_;  // what status() last found on its way to kGradients
+  std::vector<int64_t> pending_addresses_;
   py::object states_;
   std::vector<py::object> keys_, values_;
   bool cleared_ = false;
@@ -200,14 +304,16 @@ static const Register registration([](py::module_& m) {
                          "The per-step check that an optimizer's tensor table still describes its parameter "
                          "group (see csrc/param_table.cpp)",
                          py::custom_type_setup(collectable))
-      .def(py::init<const py::list&, const std::vector<int64_t>&, const py::list&, const py::list&,
-                    const std::vector<int64_t>&, py::object, const py::list&, const py::list&, const py::list&,
-                    const py::list&>(),
-           py::arg("params"), py::arg("addresses"), py::arg("shapes"), py::arg("grads"), py::arg("grad_addresses"),
+      .def(py::init<py::dict, const py::list&, const std::vector<bool>&, const py::list&, const std::vector<int64_t>&,
+                    const py::list&, const py::list&, const std::vector<int64_t>&, const py::list&, py::object,
+                    const py::list&, const py::list&, const py::list&, const py::list&>(),
+           py::arg("group"), py::arg("option_keys"), py::arg("options"), py::arg("params"), py::arg("addresses"),
+           py::arg("shapes"), py::arg("grads"), py::arg("grad_addresses"), py::arg("forms"),
            py::arg("states"), py::arg("state_dicts"), py::arg("state_names"), py::arg("state_tensors"),
            py::arg("rowless"))
-      .def("status", &TableGuard::status)
-      .def("set_gradients", &TableGuard::set_gradients, py::arg("grads"), py::arg("addresses"))
+      .def("status", &TableGuard::status, py::arg("group"), py::arg("states"))
+      .def("set_gradients", &TableGuard::set_gradients, py::arg("grads"), py::arg("addresses"), py::arg("forms"))
+      .def("accept_gradients", &TableGuard::accept_gradients)
       .def("remember_states", &TableGuard::remember_states);
 });
 

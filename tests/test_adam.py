@@ -431,12 +431,33 @@ def test_unsupported_flags(flag):
         FusedAdam([torch.zeros(2, requires_grad=True)], **{flag: True})
 
 
-def test_sparse_gradient_rejected(backend):
+@pytest.mark.parametrize("after_a_step", [False, True])
+def test_sparse_gradient_rejected(backend, after_a_step):
     p = torch.zeros(4, 3, device=backend.device, requires_grad=True)
     opt = FusedAdam([p])
+    if after_a_step:
+        p.grad = torch.ones(4, 3, device=backend.device)
+        opt.step()
     p.grad = torch.ones(4, 3, device=backend.device).to_sparse()
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step()
+
+
+@pytest.mark.parametrize("data", ["bigger", "smaller", "float64"])
+def test_new_gradient_changed_through_data_raises(backend, data):
+    """A new gradient tensor whose data is swapped (``g.data = ...``) after it was assigned can
+    have any shape or dtype (torch's .grad setter checked the tensor it was given): the step
+    raises, as torch.optim.Adam does, instead of walking it as the parameter's."""
+    shape = {"bigger": (8, 3), "smaller": (2, 3), "float64": (4, 3)}[data]
+    for cls in (torch.optim.Adam, FusedAdam):
+        p = torch.zeros(4, 3, device=backend.device, requires_grad=True)
+        opt = cls([p], lr=LR)
+        p.grad = torch.ones(4, 3, device=backend.device)
+        opt.step()
+        p.grad = torch.ones(4, 3, device=backend.device)
+        p.grad.data = torch.ones(shape, device=backend.device, dtype=torch.float64 if data == "float64" else p.dtype)
+        with pytest.raises((RuntimeError, ValueError)):
+            opt.step()
 
 
 def test_table_layouts_match_the_cpp_kernels():
@@ -559,10 +580,21 @@ def test_state_reset_starts_afresh_as_in_torch(backend, reset):
     assert float(ours[1].state[ours[0][0]]["step"]) == 4
 
 
+def _new_gradient_data(p, data):
+    """A new gradient tensor for p whose data is then swapped for ``data``: what torch's .grad
+    setter checked (dtype, device, shape) no longer holds."""
+    p.grad = p.grad.clone()
+    p.grad.data = data
+
+
 MUTATIONS = {
     "nothing": lambda opt, ps: None,
     "new gradient tensor": lambda opt, ps: setattr(ps[0], "grad", ps[0].grad.clone()),
     "gradient moved in place": lambda opt, ps: setattr(ps[0].grad, "data", ps[0].grad.detach().clone()),
+    "new gradient of other strides": lambda opt, ps: setattr(ps[0], "grad", ps[0].grad.t().contiguous().t()),
+    "new sparse gradient": lambda opt, ps: setattr(ps[0], "grad", ps[0].grad.to_sparse()),
+    "new gradient retyped through .data": lambda opt, ps: _new_gradient_data(ps[0], ps[0].grad.double()),
+    "new gradient reshaped through .data": lambda opt, ps: _new_gradient_data(ps[0], ps[0].grad[:2]),
     "gradient set to None": lambda opt, ps: setattr(ps[1], "grad", None),
     "gradless parameter gets one": lambda opt, ps: setattr(ps[2], "grad", torch.ones_like(ps[2])),
     "parameter moved through .data": lambda opt, ps: setattr(ps[0], "data", ps[0].detach().clone()),
@@ -572,22 +604,29 @@ MUTATIONS = {
     "state cleared": lambda opt, ps: opt.state[ps[0]].clear(),
     "state mapping replaced": lambda opt, ps: setattr(opt, "state", type(opt.state)(dict, opt.state)),
     "amsgrad switched on": lambda opt, ps: opt.param_groups[0].__setitem__("amsgrad", True),
+    "amsgrad off in other words": lambda opt, ps: opt.param_groups[0].__setitem__("amsgrad", 0),
+    "params list grows": lambda opt, ps: opt.param_groups[0]["params"].append(torch.zeros(2, requires_grad=True)),
     "params list replaced": lambda opt, ps: opt.param_groups[0].__setitem__("params", list(ps)),
     "group replaced": lambda opt, ps: opt.param_groups.__setitem__(0, dict(opt.param_groups[0])),
     "state moved to another key": lambda opt, ps: opt.state.__setitem__(torch.zeros(1), opt.state.pop(ps[0])),
     "another tensor's state added": lambda opt, ps: opt.state.__setitem__(torch.zeros(1), {}),
 }
-STILL_CURRENT = ("nothing", "another tensor's state added")
+STILL_CURRENT = ("nothing", "another tensor's state added", "amsgrad off in other words")
 GRADIENTS_ONLY = ("new gradient tensor", "gradient moved in place")
+# new gradients the guard refuses to put in the rows as they are (the general path copies, raises)
+NEW_GRADIENT_FORMS = ("new gradient of other strides", "new sparse gradient", "new gradient retyped through .data",
+                      "new gradient reshaped through .data")
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS)
 def test_quick_table_check_agrees_with_the_full_one(mutation):
-    """The check every step makes first (GroupTable.quick_status, through the C++ TableGuard) never
-    says current or gradients-only where the detailed one (GroupTable.changes) does not, and is
-    sure of itself in the cases a training loop meets at every step."""
+    """The check every step makes first (the C++ TableGuard) never says current or gradients-only
+    where the detailed one (GroupTable.changes) does not, and is sure of itself in the cases a
+    training loop meets at every step."""
+    from kernels._C import table_status_codes
     from kernels.ops.param_table import CURRENT, GRADIENTS
 
+    OTHER = table_status_codes["other"]
     params = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True), torch.randn(4, requires_grad=True)]
     for p in params[:2]:
         p.grad = torch.randn_like(p)
@@ -596,13 +635,14 @@ def test_quick_table_check_agrees_with_the_full_one(mutation):
     table = opt._tables[0]
     MUTATIONS[mutation](opt, params)
     group = opt.param_groups[0]
-    (quick, _), (full, _) = table.quick_status(opt, group), table.changes(opt, group)
-    assert quick in (full, None) and (full == CURRENT) == (mutation in STILL_CURRENT)
-    assert (quick == CURRENT) == (mutation == "nothing")
-    assert (quick == GRADIENTS) == (full == GRADIENTS) == (mutation in GRADIENTS_ONLY)
+    quick, (full, _) = table.guard.status(group, opt.state), table.changes(opt, group)
+    assert quick in (full, OTHER) and (full == CURRENT) == (mutation in STILL_CURRENT)
+    assert (quick == CURRENT) == (mutation in ("nothing", "amsgrad off in other words"))
+    assert (quick == GRADIENTS) == (mutation in GRADIENTS_ONLY)
+    assert (full == GRADIENTS) == (mutation in GRADIENTS_ONLY + NEW_GRADIENT_FORMS)
     if mutation in STILL_CURRENT:  # the next step finds it current again, and quickly
         opt.step()
-        assert opt._tables[0] is table and table.quick_status(opt, group) == (CURRENT, None)
+        assert opt._tables[0] is table and table.guard.status(group, opt.state) == CURRENT
 
 
 def test_loaded_moments_of_another_size_raise_as_in_torch(backend):

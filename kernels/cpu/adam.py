@@ -35,17 +35,17 @@ def set_gradients(table: Table, field: int, addresses: list[int]) -> None:
     table.rows[field::len(table.rows) // table.count] = array("q", addresses)
 
 
-def step(table: Table, lr, beta1, beta2, eps: float, weight_decay: float, *, decoupled: bool, amsgrad: bool,
+def step(table: Table, lr, beta1, beta2, eps: float, weight_decay: float, decoupled: bool, amsgrad: bool,
          maximize: bool) -> None:
     """One Adam (AdamW with ``decoupled``) step of the table's tensors; tensor hyper-parameters are
-    CPU tensors here, read without a synchronisation."""
-    scalars, flags = update(lr, beta1, beta2, eps, weight_decay, decoupled=decoupled, amsgrad=amsgrad,
-                            maximize=maximize)
-    extension().adam_step(table.dtype, table.address, table.count, *scalars, *flags, num_threads())
+    CPU tensors here, read without a synchronisation. The other arguments go to the C++ step as
+    they are (pybind11 takes a Python int as a double), as in kernels/cpu/sgd.py."""
+    extension().adam_step(table.dtype, table.address, table.count, float(lr), float(beta1), float(beta2), eps,
+                          weight_decay, decoupled, amsgrad, maximize, num_threads())
 
 
-def update(lr, beta1, beta2, eps: float, weight_decay: float, *, decoupled: bool, amsgrad: bool,
+def update(lr, beta1, beta2, eps: float, weight_decay: float, decoupled: bool, amsgrad: bool,
            maximize: bool) -> tuple[list[float], list[bool]]:
-    """The arguments of csrc/adam.cpp's adam_step after its table, as (scalars, flags): also what
-    csrc/mlp.cpp's step takes to run the update itself."""
+    """``step``'s arguments after its table as csrc/mlp.cpp's step takes them to run the update
+    itself: (scalars, flags)."""
     return [float(lr), float(beta1), float(beta2), float(eps), float(weight_decay)], [decoupled, amsgrad, maximize]

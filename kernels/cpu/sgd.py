@@ -9,15 +9,17 @@ from kernels.cpu.adam import Table, set_gradients, table
 __all__ = ["Table", "table", "set_gradients", "step", "update"]
 
 
-def step(table: Table, lr, momentum: float, dampening: float, weight_decay, *, nesterov: bool,
+def step(table: Table, lr, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
          maximize: bool) -> None:
-    """One SGD step of the table's tensors (torch.optim.SGD's rule)."""
-    scalars, flags = update(lr, momentum, dampening, weight_decay, nesterov=nesterov, maximize=maximize)
-    extension().sgd_step(table.dtype, table.address, table.count, *scalars, *flags, num_threads())
+    """One SGD step of the table's tensors (torch.optim.SGD's rule); a tensor ``lr`` is a CPU
+    tensor here. The arguments go to the C++ step as they are (pybind11 takes a Python int as a
+    double): the step is the launch a small model's training loop pays for at every step."""
+    extension().sgd_step(table.dtype, table.address, table.count, float(lr), momentum, dampening, weight_decay,
+                         nesterov, maximize, num_threads())
 
 
-def update(lr, momentum: float, dampening: float, weight_decay, *, nesterov: bool,
+def update(lr, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
            maximize: bool) -> tuple[list[float], list[bool]]:
-    """The arguments of csrc/sgd.cpp's sgd_step after its table, as (scalars, flags): also what
-    csrc/mlp.cpp's step takes to run the update itself."""
+    """``step``'s arguments after its table as csrc/mlp.cpp's step takes them to run the update
+    itself: (scalars, flags)."""
     return [float(lr), float(momentum), float(dampening), float(weight_decay)], [nesterov, maximize]

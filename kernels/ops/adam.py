@@ -8,7 +8,7 @@ directions. Complex parameters are updated as torch.optim.Adam updates them (as 
 
 Each backend module (kernels/{triton,cpu,reference}/adam.py, picked by kernels._dispatch from the
 group's device) has ``table(entries, device)``, which builds what its kernel walks, and
-``step(table, lr, beta1, beta2, eps, weight_decay, *, decoupled, amsgrad, maximize)``. The tables,
+``step(table, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize)``. The tables,
 when they are rebuilt and the states they point to are kept by kernels/ops/param_table.py, which
 FusedSGD shares. Every parameter's ``step`` is a float32 scalar on the parameter's device that the
 kernel reads and increments itself, so a step never synchronises with the host and
@@ -97,6 +97,7 @@ class FusedAdam(FusedOptimizer):
     op = OP
     layout = ADAM_LAYOUT
     state_keys = MOMENTS
+    row_options = ("amsgrad",)  # a row has a max_exp_avg_sq
     group_defaults = dict(amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False,
                           fused=None, decoupled_weight_decay=False)
 
@@ -116,14 +117,10 @@ class FusedAdam(FusedOptimizer):
     prepare_state = staticmethod(prepare_state)
 
     @staticmethod
-    def table_options(group: dict) -> tuple:
-        return (bool(group["amsgrad"]),)
-
-    @staticmethod
-    def hyperparameters(group: dict) -> tuple[tuple, dict]:
+    def hyperparameters(group: dict) -> tuple:
         beta1, beta2 = group["betas"]
-        return ((group["lr"], beta1, beta2, group["eps"], group["weight_decay"]),
-                dict(decoupled=group["decoupled_weight_decay"], amsgrad=group["amsgrad"], maximize=group["maximize"]))
+        return (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["decoupled_weight_decay"],
+                group["amsgrad"], group["maximize"])
 
     @staticmethod
     def compiled_launch(group: dict, params: list, fields: list[dict], backend: str) -> None:

@@ -11,11 +11,11 @@ parameters, their gradients and states enter as their ``torch.view_as_real`` vie
 torch.optim updates them.
 
 When a table is rebuilt (the invalidation rule). A group's table is reused while all of these
-hold, which the step checks before every launch (``quick_status``, through csrc/param_table.cpp's
-TableGuard: under half a microsecond per parameter):
+hold, which the step checks before every launch (csrc/param_table.cpp's TableGuard: under half a
+microsecond per parameter):
 
 * the group is the same dict with the same ``params`` list, of the same length, and the options
-  that shape its rows (``table_options``, e.g. amsgrad) are unchanged;
+  that shape its rows (``row_options``, e.g. amsgrad) are as true or false as they were;
 * ``optimizer.state`` is the same mapping, each parameter's state is the same dict, and every
   state tensor in the table is still the tensor object stored under its key;
 * every parameter has the address and shape it had, and the same parameters have gradients;
@@ -38,7 +38,6 @@ copied, before every launch, into a buffer laid out like the parameter.
 from __future__ import annotations
 
 from itertools import chain
-from operator import attrgetter
 from typing import NamedTuple
 
 import torch
@@ -134,9 +133,6 @@ def check_state_shape(where: str, key: str, value: torch.Tensor, param: torch.Te
             "or clear the parameter's state (optimizer.state[p].clear()) to start it afresh")
 
 
-_grad_of, _data_ptr = attrgetter("grad"), torch.Tensor.data_ptr
-
-
 def _alias(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
@@ -166,7 +162,8 @@ class GroupTable:
         name = type(optimizer).__name__
         optimizer.check_hyperparameters(group)
         self.group, self.params, self.num_params = group, group["params"], len(group["params"])
-        self.options = optimizer.table_options(group)
+        self.option_keys = optimizer.row_options
+        self.options = self.options_of(group)
         self.layout = optimizer.layout
         self.grad_field = self.layout.index("grad")  # where a row holds its gradient's address
         self.state = optimizer.state
@@ -202,8 +199,10 @@ class GroupTable:
         changed) or STALE, and what changed first, in words."""
         if group is not self.group or group["params"] is not self.params or len(self.params) != self.num_params:
             return STALE, "the parameter group was replaced or its parameters changed"
-        if optimizer.table_options(group) != self.options:
-            return STALE, f"the group's options changed from {self.options} to {optimizer.table_options(group)}"
+        options = self.options_of(group)
+        if options != self.options:
+            key = next(k for k, was, now in zip(self.option_keys, self.options, options) if was != now)
+            return STALE, f"the group's {key} is now {group[key]!r}, which changes what the table rows hold"
         if optimizer.state is not self.state:
             return STALE, "optimizer.state was replaced"
         status, change = CURRENT, ""
@@ -225,38 +224,38 @@ class GroupTable:
             for key, t in s.tensors:
                 if state.get(key) is not t:
                     return STALE, f"the state {key!r} of parameter {i} was replaced or cleared"
-            if status == CURRENT and (g is not s.grad or g.data_ptr() != s.grad_address):
-                status, change = GRADIENTS, (f"the gradient of parameter {i} is a new tensor at address "
-                                             f"{g.data_ptr():#x} (was {s.grad_address:#x})")
+            if status == CURRENT and g is not s.grad:  # (a sparse one has no data_ptr())
+                status, change = GRADIENTS, (f"the gradient of parameter {i} is a new tensor (the table's is "
+                                             f"at {s.grad_address:#x})")
+            elif status == CURRENT and g.data_ptr() != s.grad_address:
+                status, change = GRADIENTS, (f"the gradient of parameter {i} moved to address {g.data_ptr():#x} "
+                                             f"(was {s.grad_address:#x})")
         return status, change
 
-    def update_gradients(self, optimizer: FusedOptimizer, index: int, grads: list | None = None) -> None:
-        """Makes the rows again for new gradient tensors (after quick_status or changes found
-        GRADIENTS): each row as it was, with its new gradient. ``grads``: the gradients of the
-        rows' parameters, as quick_status read them."""
-        if not self._swap_gradients(list(map(_grad_of, self.row_params)) if grads is None else grads):
+    def update_gradients(self, optimizer: FusedOptimizer, index: int, held: bool) -> None:
+        """Makes the rows again for new gradient tensors (after the guard or ``changes`` found
+        GRADIENTS): each row as it was, with its new gradient. ``held``: the guard found them,
+        each of its row's form, and holds them for ``_swap_gradients``."""
+        if not (held and self._swap_gradients()):
             for i, slot in enumerate(self.slots):
                 if slot.grad is not None:
                     self._set_grad(slot, slot.param.grad, lambda: f"{type(optimizer).__name__}: parameter {i} of group {index}")
             self._make_rows(gradients_only=True)
         optimizer.table_builds += 1
 
-    def _swap_gradients(self, grads: list) -> bool:
+    def _swap_gradients(self) -> bool:
         """update_gradients in its common case (every step of a ``zero_grad(set_to_none=True)``
-        loop): the new gradients, like the old ones, are real dense tensors of their parameters'
-        dtype, shape, strides and device (``grad_form``), so only the gradient addresses of the
-        rows change. A backend whose table is host memory read at each launch (the CPU's) has
-        them written into it in place (``set_gradients``); any other gets its tables made again
-        from each row as last made. False (nothing done) for anything else, which the general
-        path handles and reports."""
-        if self.grad_copies or self.first_steps:
-            return False
+        loop): the guard found the new gradients each of its row's form (``grad_form``: the
+        parameter's dtype, layout, shape, strides and device, and a real parameter), so only the
+        gradient addresses of the rows change. A backend whose table is host memory read at each
+        launch (the CPU's) has them written into it in place (``set_gradients``); any other gets
+        its tables made again from each row as last made. False (nothing done) where the rows
+        need more (gradients copied into the parameter's layout, first momentum steps to clear,
+        a row not made yet), which the general path handles."""
         in_place = self.set_gradients is not None
-        for slot, g in zip(self.row_slots, grads):
-            if (g is None or (slot.entry is None and not in_place) or g.is_sparse
-                    or (g.dtype, g.shape, g.stride(), g.is_cpu, g.get_device()) != slot.grad_form):
-                return False
-        addresses = list(map(_data_ptr, grads))
+        if self.grad_copies or self.first_steps or (not in_place and any(s.entry is None for s in self.row_slots)):
+            return False
+        grads, addresses = self.guard.accept_gradients()
         if in_place:
             for slot, g, address in zip(self.row_slots, grads, addresses):
                 # the row as last made would keep the old gradient alive and name its address
@@ -269,7 +268,6 @@ class GroupTable:
                 slot.grad, slot.grad_address, slot.entry = g, address, slot.with_gradient(g, address)
             self.tables = [self.implementation.table([slot.entry for slot in slots], self.device)
                            for slots in self.table_slots]
-        self.guard.set_gradients(grads, addresses)
         return True
 
     def _set_grad(self, slot: _Slot, g: torch.Tensor, where) -> None:
@@ -313,8 +311,7 @@ class GroupTable:
             else:
                 slot.entry = entry = make_entry(layout, p, g, slot.fields)
             # what a new gradient must match for _swap_gradients to put its address in this row
-            slot.grad_form = None if p.is_complex() or g is not slot.grad else \
-                (p.dtype, p.shape, p.stride(), p.is_cpu, p.get_device())
+            slot.grad_form = None if p.is_complex() or g is not slot.grad else grad_form(p)
             slot.row_head, slot.row_tail = entry.row[:self.grad_field], entry.row[self.grad_field + 1:]
             self.first_steps |= bool(slot.fields.get("first_step"))
             dtype = entry.tensors["param"].dtype
@@ -329,18 +326,22 @@ class GroupTable:
         self._remember(gradients_only)
 
     def _remember(self, gradients_only: bool = False) -> None:
-        """What ``quick_status`` compares (csrc/param_table.cpp's TableGuard): per parameter with
-        a row, its object, address, shape and gradient (object and address); optimizer.state's
-        entries; the state tensors in the table with their state dicts and keys; and the
-        parameters without a row. The guard also keeps every gradient in the rows alive."""
+        """What the step checks first (csrc/param_table.cpp's TableGuard): the group, its params
+        list and length, and the truth of its ``row_options``; per parameter with a row, its
+        object, address, shape and gradient (object and address), and the form a new gradient
+        must have to take the row's place (``grad_form``); optimizer.state's entries; the
+        state tensors in the table with their state dicts and keys; and the parameters without a
+        row. The guard also keeps every gradient in the rows alive."""
         self.row_slots = rows = [s for s in self.slots if s.grad is not None]
         grads, grad_addresses = [s.grad for s in rows], [s.grad_address for s in rows]
+        forms = [s.grad_form for s in rows]
         if gradients_only:
-            self.guard.set_gradients(grads, grad_addresses)
+            self.guard.set_gradients(grads, grad_addresses, forms)
             return
         self.row_params = [s.param for s in rows]
         self.guard = extension().TableGuard(
-            self.row_params, [s.address for s in rows], [s.shape for s in rows], grads, grad_addresses, self.state,
+            self.group, list(self.option_keys), list(self.options), self.row_params, [s.address for s in rows],
+            [s.shape for s in rows], grads, grad_addresses, forms, self.state,
             [s.state for s in rows for _ in s.tensors], [key for s in rows for key, _ in s.tensors],
             [t for s in rows for _, t in s.tensors], [s.param for s in self.slots if s.grad is None])
 
@@ -351,19 +352,9 @@ class GroupTable:
         it was" without hashing a parameter."""
         self.guard.remember_states()
 
-    def quick_status(self, optimizer: FusedOptimizer, group: dict) -> tuple[int | None, list | None]:
-        """(CURRENT, None) or (GRADIENTS, the rows' new gradients) where ``changes`` would find
-        that, else (None, None) (then ``changes`` says what changed): the same conditions,
-        compared by csrc/param_table.cpp's TableGuard (3.2 us for the MNIST MLP's six tensors,
-        against 5.6 us in Python, on a Zen 3), so that steps after ``zero_grad(set_to_none=True)``
-        stay cheap too."""
-        if not (group is self.group and group["params"] is self.params and len(self.params) == self.num_params
-                and optimizer.state is self.state and optimizer.table_options(group) == self.options):
-            return None, None
-        status = self.guard.status()
-        if status == GRADIENTS:
-            return GRADIENTS, list(map(_grad_of, self.row_params))
-        return (CURRENT, None) if status == CURRENT else (None, None)
+    def options_of(self, group: dict) -> tuple[bool, ...]:
+        """The truth of the group's options that shape its rows (the optimizer's ``row_options``)."""
+        return tuple(bool(group[key]) for key in self.option_keys)
 
     def launched(self) -> None:
         """After a launch: the kernels have cleared their first_step flags; so do the slots."""
@@ -379,9 +370,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     """The step every fused optimizer shares: per group, check the group's table (GroupTable),
     rebuild it when it no longer describes the group, and launch the op's kernel on it.
 
-    Subclasses set ``op`` (the kernels._dispatch op name) and define ``check_hyperparameters``,
-    ``table_options``, ``prepare_state``, ``hyperparameters`` (a group's arguments of the
-    backend's ``step`` after the table) and ``compiled_launch``. ``table_builds``
+    Subclasses set ``op`` (the kernels._dispatch op name), ``layout``, ``state_keys`` and
+    ``row_options``, and define ``check_hyperparameters``, ``prepare_state``, ``hyperparameters``
+    (a group's arguments of the backend's ``step`` after the table) and ``compiled_launch``. ``table_builds``
     counts the tables built (full or gradients only) since the optimizer was created: a training
     loop that keeps its gradients in place builds one per group, once.
     """
@@ -389,6 +380,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     op = ""
     layout: tuple[str, ...] = ()  # ADAM_LAYOUT or SGD_LAYOUT
     state_keys: tuple[str, ...] = ()  # state tensors kept in float32 for low-precision parameters
+    # The group options whose truth decides what a table row holds (a rebuild when one flips).
+    row_options: tuple[str, ...] = ()
     # What a group saved by an older torch (or by the torch class) lacks, filled in on loading.
     group_defaults: dict = {}
 
@@ -406,17 +399,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     def check_hyperparameters(self, group: dict) -> None:
         raise NotImplementedError
 
-    def table_options(self, group: dict) -> tuple:
-        """The group's options that change what its table rows hold."""
-        raise NotImplementedError
-
     def prepare_state(self, states, p: torch.Tensor, group: dict, where: str) -> dict:
         """Create or check the state of ``p`` (in ``states``, the optimizer's state mapping) and
         return the values of the layout's state fields: tensors, ints (flags) or None (absent)."""
         raise NotImplementedError
 
-    def hyperparameters(self, group: dict) -> tuple[tuple, dict]:
-        """(args, kwargs) of the backend's ``step(table, *args, **kwargs)`` for ``group``."""
+    def hyperparameters(self, group: dict) -> tuple:
+        """The arguments of the backend's ``step(table, *arguments)`` for ``group``, in order."""
         raise NotImplementedError
 
     def compiled_launch(self, group: dict, params: list, fields: list[dict], backend: str) -> None:
@@ -495,9 +484,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 with torch.no_grad():
                     for buffer, grad in table.grad_copies:
                         buffer.copy_(grad)
-            args, kwargs = self.hyperparameters(group)
+            arguments = self.hyperparameters(group)
             for backend_table in table.tables:
-                table.implementation.step(backend_table, *args, **kwargs)
+                table.implementation.step(backend_table, *arguments)
             table.launched()
         return loss
 
@@ -514,8 +503,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         table = self._table(0, group)
         if table.backend != "cpu" or len(table.tables) != 1 or table.grad_copies:
             return None
-        args, kwargs = self.hyperparameters(group)
-        scalars, flags = table.implementation.update(*args, **kwargs)
+        scalars, flags = table.implementation.update(*self.hyperparameters(group))
         backend_table = table.tables[0]
         return table, (self.op, backend_table.address, backend_table.count, scalars, flags)
 
@@ -523,14 +511,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The group's table, checked and, where it no longer describes the group, rebuilt (or
         its rows made again for new gradients); under CUDA graph capture a rebuild raises."""
         table = self._tables.get(index)
-        capturing = (table.cuda if table is not None else bool(group["params"]) and group["params"][0].is_cuda) \
-            and torch.cuda.is_current_stream_capturing()
-        grads = None
+        held = False  # whether the guard holds the new gradients it found
         if table is None:
             status, change = STALE, "there was no table yet"
+            params = group["params"]
+            capturing = bool(params) and params[0].is_cuda and torch.cuda.is_current_stream_capturing()
         else:
-            status, grads = table.quick_status(self, group)
-            if status is None or (capturing and status != CURRENT):  # what changed, in words, if anything
+            status = table.guard.status(group, self.state)  # CURRENT, GRADIENTS, or another code: look closer
+            if status == CURRENT and not table.cuda:
+                return table  # every step of a CPU loop that keeps its tensors (and nothing to capture)
+            capturing = table.cuda and torch.cuda.is_current_stream_capturing()
+            held = status == GRADIENTS
+            if status not in (CURRENT, GRADIENTS) or (capturing and status != CURRENT):  # what changed, in words
+                held = False
                 status, change = table.changes(self, group)
                 if status == CURRENT:  # only the states of other groups' parameters came or went
                     table.remember_states()
@@ -545,7 +538,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if status == STALE:
                 table = self._tables[index] = GroupTable(self, index, group)
             else:
-                table.update_gradients(self, index, grads)
+                table.update_gradients(self, index, held)
         if capturing:
             if not group.get("capturable", False):
                 raise RuntimeError(f"Attempting CUDA graph capture of step() for an instance of "
@@ -579,6 +572,13 @@ def make_entry(layout: tuple[str, ...], param: torch.Tensor, grad: torch.Tensor,
                 else int(fields.get(field) or 0)
                 for field in layout)
     return Entry(row, tensors)
+
+
+def grad_form(param: torch.Tensor) -> tuple:
+    """What a new gradient of ``param`` must match to take the place of the one in its table row
+    (csrc/param_table.cpp's TableGuard reads the same five properties of the gradient): dtype,
+    layout, shape, strides and device index."""
+    return param.dtype, param.layout, param.shape, param.stride(), param.get_device()
 
 
 def laid_out_alike(param: torch.Tensor, grad: torch.Tensor) -> bool:

@@ -10,7 +10,7 @@ graph. Complex parameters are updated as torch.optim.SGD updates them.
 
 It runs on FusedAdam's machinery (kernels/ops/param_table.py: the tables, when they are rebuilt,
 the states). Each backend module (kernels/{triton,cpu,reference}/sgd.py) has
-``table(entries, device)`` and ``step(table, lr, momentum, dampening, weight_decay, *, nesterov,
+``table(entries, device)`` and ``step(table, lr, momentum, dampening, weight_decay, nesterov,
 maximize)``. A table row carries a first_step flag, set when the momentum buffer is created and
 cleared by the kernel that runs that first step (on the device for Triton, so a step captured
 after one eager step replays correctly). Low-precision (bfloat16/float16) parameters keep a
@@ -74,6 +74,7 @@ class FusedSGD(FusedOptimizer):
     op = OP
     layout = SGD_LAYOUT
     state_keys = (BUFFER,)
+    row_options = ("momentum",)  # a row has a momentum buffer
     # capturable: a torch.optim.SGD state_dict has none
     group_defaults = dict(nesterov=False, maximize=False, foreach=None, differentiable=False, fused=False,
                           capturable=False)
@@ -92,13 +93,9 @@ class FusedSGD(FusedOptimizer):
     prepare_state = staticmethod(prepare_state)
 
     @staticmethod
-    def table_options(group: dict) -> tuple:
-        return (group["momentum"] != 0,)
-
-    @staticmethod
-    def hyperparameters(group: dict) -> tuple[tuple, dict]:
-        return ((group["lr"], group["momentum"], group["dampening"], group["weight_decay"]),
-                dict(nesterov=group["nesterov"], maximize=group["maximize"]))
+    def hyperparameters(group: dict) -> tuple:
+        return (group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"],
+                group["maximize"])
 
     @staticmethod
     def compiled_launch(group: dict, params: list, fields: list[dict], backend: str) -> None:

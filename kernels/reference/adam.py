@@ -13,7 +13,7 @@ def table(entries: list[Entry], device: torch.device) -> list[Entry]:
 
 
 @torch.no_grad()
-def step(table: list[Entry], lr, beta1, beta2, eps: float, weight_decay: float, *, decoupled: bool, amsgrad: bool,
+def step(table: list[Entry], lr, beta1, beta2, eps: float, weight_decay: float, decoupled: bool, amsgrad: bool,
          maximize: bool) -> None:
     lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
     for entry in table:

@@ -22,7 +22,7 @@ def table(entries: list[Entry], device: torch.device) -> Table:
 
 
 @torch.no_grad()
-def step(table: Table, lr, momentum: float, dampening: float, weight_decay, *, nesterov: bool,
+def step(table: Table, lr, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
          maximize: bool) -> None:
     lr, weight_decay = float(lr), float(weight_decay)
     for i, entry in enumerate(table):

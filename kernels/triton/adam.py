@@ -258,7 +258,7 @@ def scalar(x, device: torch.device) -> tuple[torch.Tensor | None, int]:
     return None, float_bits(float(x))
 
 
-def step(table: TensorTable, lr, beta1, beta2, eps: float, weight_decay: float, *, decoupled: bool, amsgrad: bool,
+def step(table: TensorTable, lr, beta1, beta2, eps: float, weight_decay: float, decoupled: bool, amsgrad: bool,
          maximize: bool) -> None:
     """One Adam (AdamW with ``decoupled``) step of the table's tensors."""
     device = table.device_tensor.device

@@ -112,7 +112,7 @@ def table(entries: list[Entry], device: torch.device) -> TensorTable:
     return TensorTable(entries, device, layout=SGD_LAYOUT, vector_fields=("param", "grad", "momentum_buffer"))
 
 
-def step(table: TensorTable, lr, momentum: float, dampening: float, weight_decay, *, nesterov: bool,
+def step(table: TensorTable, lr, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
          maximize: bool) -> None:
     """One SGD step of the table's tensors (torch.optim.SGD's rule)."""
     lr_ptr, lr_bits = scalar(lr, table.device_tensor.device)
