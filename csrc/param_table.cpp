@@ -68,13 +68,13 @@ class TableGuard {
   // The parameter group (a dict) with the keys of its options that shape the rows and their truth;
   // the rows' parameters with the addresses and shapes they had, the gradients (and their
   // addresses) the rows hold and the form a new gradient must have to take a row's place
-  // (has_form; None: it never may); optimizer.state; each state tensor in the table with its state
-  // dict and key; the group's parameters without a row (they had no gradient).
+  // (has_form; None: it never may); optimizer.state; each state tensor in the table with its
+  // state dict and key; the group's parameters without a row (they had no gradient).
   TableGuard(py::dict group, const py::list& option_keys, const std::vector<bool>& options, const py::list& params,
              const std::vector<int64_t>& addresses, const py::list& shapes, const py::list& grads,
              const std::vector<int64_t>& grad_addresses, const py::list& forms, py::object states,
-             const py::list& state_dicts,
-             const py::list& state_names, const py::list& state_tensors, const py::list& rowless)
+             const py::list& state_dicts, const py::list& state_names, const py::list& state_tensors,
+             const py::list& rowless)
       : group_(std::move(group)),
         group_params_(group_.cast<py::dict>()["params"]),
         num_group_params_(py::len(group_params_)),
@@ -246,7 +246,8 @@ class TableGuard {
     // the layout before the strides: a sparse tensor has none
     return equal(attribute(t, dtype), PyTuple_GET_ITEM(form, 0)) &&
            equal(attribute(t, layout), PyTuple_GET_ITEM(form, 1)) &&
-           equal(attribute(t, shape), PyTuple_GET_ITEM(form, 2)) && equal(call(t, stride), PyTuple_GET_ITEM(form, 3)) &&
+           equal(attribute(t, shape), PyTuple_GET_ITEM(form, 2)) &&
+           equal(call(t, stride), PyTuple_GET_ITEM(form, 3)) &&
            equal(call(t, get_device), PyTuple_GET_ITEM(form, 4));
   }
 

@@ -372,9 +372,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     Subclasses set ``op`` (the kernels._dispatch op name), ``layout``, ``state_keys`` and
     ``row_options``, and define ``check_hyperparameters``, ``prepare_state``, ``hyperparameters``
-    (a group's arguments of the backend's ``step`` after the table) and ``compiled_launch``. ``table_builds``
-    counts the tables built (full or gradients only) since the optimizer was created: a training
-    loop that keeps its gradients in place builds one per group, once.
+    (a group's arguments of the backend's ``step`` after the table) and ``compiled_launch``.
+    ``table_builds`` counts the tables built (full or gradients only) since the optimizer was
+    created: a training loop that keeps its gradients in place builds one per group, once.
     """
 
     op = ""
