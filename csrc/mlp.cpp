@@ -19,6 +19,7 @@
 
 #include "common.h"
 #include "entry_points.h"
+#include "param_table.h"
 
 namespace kernels {
 namespace {
@@ -48,36 +49,6 @@ void gather_rows(const T* x, const int64_t* target, const int64_t* index, T* x_b
   });
 }
 
-// The optimizer step run after the backward, or none (op ""): "adam" or "sgd", its table and
-// the rest of adam_step's or sgd_step's arguments (kernels/cpu/{adam,sgd}.py's update()).
-struct Update {
-  std::string op;
-  uintptr_t table;
-  int64_t rows;
-  std::vector<double> scalars;
-  std::vector<bool> flags;
-};
-
-// Throws unless `u` names a known update with its number of arguments: checked before the step
-// runs, so that a bad update leaves nothing half done.
-void check_update(const Update& u) {
-  if (u.op.empty()) return;
-  const size_t scalars = u.op == "adam" ? 5 : u.op == "sgd" ? 4 : 0, flags = u.op == "adam" ? 3 : 2;
-  if (scalars == 0) throw std::invalid_argument("MLPStep: unknown optimizer update " + u.op);
-  if (u.scalars.size() != scalars || u.flags.size() != flags)
-    throw std::invalid_argument("MLPStep: the " + u.op + " update takes " + std::to_string(scalars) + " scalars and " +
-                                std::to_string(flags) + " flags");
-}
-
-void run_update(const std::string& dtype, const Update& u, int num_threads) {
-  const auto& s = u.scalars;
-  const auto& f = u.flags;
-  if (u.op == "adam")
-    adam_step(dtype, u.table, u.rows, s[0], s[1], s[2], s[3], s[4], f[0], f[1], f[2], num_threads);
-  else if (u.op == "sgd")
-    sgd_step(dtype, u.table, u.rows, s[0], s[1], s[2], s[3], f[0], f[1], num_threads);
-}
-
 // Runs `steps` training steps and writes each one's mean loss to loss[s]. Without `index` (0):
 // one step on the batch x (M, K0) with int64 targets (M). With `index` (steps x M int64 row
 // numbers), step s trains on rows index[s * M, (s + 1) * M) of x (rows rows) and target, gathered
@@ -91,7 +62,6 @@ int64_t mlp_step(const std::string& dtype, uintptr_t x, uintptr_t target, uintpt
                  const std::vector<int64_t>& layers, const std::string& activation, const Update& update,
                  int num_threads) {
   const OwnPool own_pool;
-  check_update(update);
   if (steps != 1 && (!index || update.op.empty()))
     throw std::invalid_argument("MLPStep: several steps in one call need an index of rows and an optimizer update");
   const int64_t count = int64_t(layers.size()) / kMlpLayerFields;
@@ -150,18 +120,20 @@ static const Register registration([](py::module_& m) {
       [](const std::string& dtype, uintptr_t x, uintptr_t target, uintptr_t index, int64_t rows, uintptr_t x_batch,
          uintptr_t target_batch, uintptr_t loss, int64_t M, int64_t steps, const std::vector<int64_t>& layers,
          const std::string& activation, const std::string& update_op, uintptr_t update_table, int64_t update_rows,
-         const std::vector<double>& update_scalars, const std::vector<bool>& update_flags, int num_threads) {
+         const py::tuple& update_arguments, int num_threads) {
+        Update update{update_op, update_table, update_rows, {}, {}};
+        if (!update.op.empty()) read_arguments(update, update_arguments);  // a bad update fails before any step
+        const py::gil_scoped_release release;
         return mlp_step(dtype, x, target, index, rows, x_batch, target_batch, loss, M, steps, layers, activation,
-                        Update{update_op, update_table, update_rows, update_scalars, update_flags}, num_threads);
+                        update, num_threads);
       },
-      py::call_guard<py::gil_scoped_release>(),
       "Forward, mean cross-entropy, backward and optionally an optimizer step of a plain MLP, for `steps` steps, "
       "in one call (see csrc/mlp.cpp); returns -1 or the first row whose target is out of range (then nothing is "
       "written).",
       py::arg("dtype"), py::arg("x"), py::arg("target"), py::arg("index"), py::arg("rows"), py::arg("x_batch"),
       py::arg("target_batch"), py::arg("loss"), py::arg("m"), py::arg("steps"), py::arg("layers"), py::arg("activation"),
-      py::arg("update_op"), py::arg("update_table"), py::arg("update_rows"), py::arg("update_scalars"),
-      py::arg("update_flags"), py::arg("num_threads"));
+      py::arg("update_op"), py::arg("update_table"), py::arg("update_rows"), py::arg("update_arguments"),
+      py::arg("num_threads"));
 });
 
 }  // namespace

@@ -11,6 +11,10 @@
 // 21 us SGD step (inside torch.optim's step wrapper) on a Zen 3; here it takes 3.1 us, and 6.4
 // with six new gradients to check, most of it the tensors' own attribute getters.
 //
+// Where a group's step is one C++ launch over a host table (set_launch), launch() also puts new
+// gradients' addresses in the table and runs the step (read_arguments, run_update: the same
+// update csrc/mlp.cpp runs after its backward), so that a CPU step is one call from Python.
+//
 // Unlike the kernels it works on Python objects, through CPython's API: it runs with the GIL
 // held and calls the tensors' public Python methods (no libtorch). It holds references to those
 // objects, and takes part in Python's garbage collection (pybind11's custom_type_setup, as its
@@ -21,8 +25,49 @@
 #include <pybind11/stl.h>
 
 #include "common.h"
+#include "entry_points.h"
+#include "param_table.h"
 
 namespace kernels {
+namespace {
+
+// The number of scalars and of flags each op's step takes after its table (csrc/entry_points.h).
+std::pair<size_t, size_t> argument_counts(const std::string& op) {
+  if (op == "adam") return {5, 3};
+  if (op == "sgd") return {4, 2};
+  throw std::invalid_argument("unknown optimizer update " + op);
+}
+
+}  // namespace
+
+void read_arguments(Update& u, py::handle arguments) {
+  const auto [scalars, flags] = argument_counts(u.op);
+  PyObject* args = arguments.ptr();
+  if (!PyTuple_Check(args) || size_t(PyTuple_GET_SIZE(args)) != scalars + flags)
+    throw std::invalid_argument("the " + u.op + " update takes a tuple of " + std::to_string(scalars) +
+                                " scalars and " + std::to_string(flags) + " flags");
+  u.scalars.resize(scalars);
+  u.flags.resize(flags);
+  for (size_t i = 0; i < scalars; ++i) {
+    u.scalars[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(args, i));
+    if (u.scalars[i] == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+  }
+  for (size_t i = 0; i < flags; ++i) {
+    const int truth = PyObject_IsTrue(PyTuple_GET_ITEM(args, scalars + i));
+    if (truth < 0) throw py::error_already_set();
+    u.flags[i] = truth == 1;
+  }
+}
+
+void run_update(const std::string& dtype, const Update& u, int num_threads) {
+  const auto& s = u.scalars;
+  const auto& f = u.flags;
+  if (u.op == "adam")
+    adam_step(dtype, u.table, u.rows, s[0], s[1], s[2], s[3], s[4], f[0], f[1], f[2], num_threads);
+  else if (u.op == "sgd")
+    sgd_step(dtype, u.table, u.rows, s[0], s[1], s[2], s[3], f[0], f[1], num_threads);
+}
+
 namespace {
 
 // What status() returns; kernels/ops/param_table.py's CURRENT and GRADIENTS (a test compares them).
@@ -163,14 +208,20 @@ class TableGuard {
     return changed ? kGradients : kCurrent;
   }
 
-  // After status() said kGradients: (gradients, addresses) of the rows as status() found them
-  // (a list each), which the rows hold from now on.
+  // After status() said kGradients: gradients(), made of the new gradients status() found, which
+  // the rows hold from now on.
   py::tuple accept_gradients() {
     if (pending_grads_.size() != params_.size())
       throw std::logic_error("TableGuard.accept_gradients: status() found no new gradients to accept");
-    grads_.swap(pending_grads_);
-    grad_addresses_.swap(pending_addresses_);
-    drop_pending();
+    take_pending();
+    return gradients();
+  }
+
+  // How many times launch() put new gradients in the rows.
+  int64_t gradient_swaps() const { return gradient_swaps_; }
+
+  // (gradients, addresses) the rows hold, a list each.
+  py::tuple gradients() const {
     py::list grads(grads_.size()), addresses(grads_.size());
     for (size_t i = 0; i < grads_.size(); ++i) {
       grads[i] = grads_[i];
@@ -190,6 +241,50 @@ class TableGuard {
     drop_pending();
   }
 
+  // The step that launch() runs: op's ("adam" or "sgd"; "" for none) over the table at `table`, in
+  // host memory, of one row per row of the guard, `width` int64 fields each, the gradient's
+  // address in field `grad_field`, of parameters of `dtype`, on num_threads() threads (a Python
+  // callable: torch.get_num_threads).
+  void set_launch(const std::string& op, const std::string& dtype, uintptr_t table, int64_t rows, int64_t grad_field,
+                  int64_t width, py::object num_threads) {
+    if (!op.empty()) {  // a bad step fails here, not at a step
+      argument_counts(op);
+      if (size_t(rows) != params_.size() || grad_field < 0 || grad_field >= width)
+        throw std::invalid_argument("TableGuard.set_launch: a table of " + std::to_string(rows) + " rows of " +
+                                    std::to_string(width) + " fields, the gradient in field " +
+                                    std::to_string(grad_field) + ", for a guard of " +
+                                    std::to_string(params_.size()) + " rows");
+    }
+    launch_ = Update{op, table, rows, {}, {}};
+    launch_dtype_ = dtype;
+    grad_field_ = grad_field;
+    width_ = width;
+    num_threads_ = std::move(num_threads);
+  }
+
+  // status(group, states); where that finds new gradients, they take the rows' places, their
+  // addresses written into the table (as accept_gradients() and the table's set_gradients); and
+  // where the table is then current, the step set_launch() set, with the op's `arguments`
+  // (read_arguments), the GIL released. Returns kCurrent where it stepped, else status()'s code: a
+  // CPU table checked, given new gradients and stepped in one call from Python (a check and a
+  // launch apart cost 1-2 us more in an 18 us step, new gradients' swap 3 us more).
+  int launch(const py::handle& group, const py::handle& states, const py::handle& arguments) {
+    if (launch_.op.empty()) throw std::logic_error("TableGuard.launch: no step was set (set_launch)");
+    const int found = status(group, states);
+    if (found == kOther) return found;
+    read_arguments(launch_, arguments);  // before the rows change: a bad argument leaves them as they were
+    if (found == kGradients) {
+      take_pending();
+      ++gradient_swaps_;
+      int64_t* rows = ptr<int64_t>(launch_.table);
+      for (size_t r = 0; r < grad_addresses_.size(); ++r) rows[r * width_ + grad_field_] = grad_addresses_[r];
+    }
+    const int threads = num_threads_().cast<int>();
+    const py::gil_scoped_release release;
+    run_update(launch_dtype_, launch_, threads);
+    return kCurrent;
+  }
+
   // Python's garbage collector: visit every object held; drop them all (status() then says kOther).
   int traverse(visitproc visit, void* arg) {
     for (std::vector<py::object>* list : held())
@@ -197,6 +292,7 @@ class TableGuard {
     Py_VISIT(group_.ptr());
     Py_VISIT(group_params_.ptr());
     Py_VISIT(states_.ptr());
+    Py_VISIT(num_threads_.ptr());
     return 0;
   }
   void clear() {
@@ -205,6 +301,8 @@ class TableGuard {
     group_ = py::none();
     group_params_ = py::none();
     states_ = py::none();
+    num_threads_ = py::none();
+    launch_.op.clear();
   }
 
   // optimizer.state's entries as they are now (states of other groups' parameters came or went).
@@ -230,6 +328,13 @@ class TableGuard {
   void drop_pending() {
     pending_grads_.clear();
     pending_addresses_.clear();
+  }
+
+  // The rows hold the gradients status() found.
+  void take_pending() {
+    grads_.swap(pending_grads_);
+    grad_addresses_.swap(pending_addresses_);
+    drop_pending();
   }
 
   // Whether tensor t has the form (dtype, layout, shape, strides, device index) `form` (the
@@ -270,6 +375,11 @@ class TableGuard {
   std::vector<int64_t> pending_addresses_;
   py::object states_;
   std::vector<py::object> keys_, values_;
+  Update launch_;  // what launch() runs (set_launch); op "": nothing
+  std::string launch_dtype_;
+  int64_t grad_field_ = 0, width_ = 0;
+  int64_t gradient_swaps_ = 0;  // how many times launch() put new gradients in the rows
+  py::object num_threads_;
   bool cleared_ = false;
 };
 
@@ -317,7 +427,12 @@ static const Register registration([](py::module_& m) {
       .def("status", &TableGuard::status, py::arg("group"), py::arg("states"))
       .def("set_gradients", &TableGuard::set_gradients, py::arg("grads"), py::arg("addresses"), py::arg("forms"))
       .def("accept_gradients", &TableGuard::accept_gradients)
-      .def("remember_states", &TableGuard::remember_states);
+      .def("gradients", &TableGuard::gradients)
+      .def_property_readonly("gradient_swaps", &TableGuard::gradient_swaps)
+      .def("remember_states", &TableGuard::remember_states)
+      .def("set_launch", &TableGuard::set_launch, py::arg("op"), py::arg("dtype"), py::arg("table"), py::arg("rows"),
+           py::arg("grad_field"), py::arg("width"), py::arg("num_threads"))
+      .def("launch", &TableGuard::launch, py::arg("group"), py::arg("states"), py::arg("arguments"));
 });
 
 }  // namespace

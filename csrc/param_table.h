@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -51,6 +52,26 @@ void walk_table(const int64_t* table, int64_t rows, int width, int num_threads, 
     }
   });
 }
+
+// One optimizer step over a table as C++ code runs it (csrc/mlp.cpp after its backward,
+// TableGuard.launch in csrc/param_table.cpp): the op ("adam" or "sgd"; "" for none), the table,
+// and the rest of adam_step's or sgd_step's arguments (csrc/entry_points.h), scalars then flags.
+struct Update {
+  std::string op;
+  uintptr_t table = 0;
+  int64_t rows = 0;
+  std::vector<double> scalars;
+  std::vector<bool> flags;
+};
+
+// Sets u's scalars and flags from `arguments` (with the GIL held): a tuple of the arguments of
+// u.op's step after its table, as Python's backend step takes them (a fused optimizer's
+// hyperparameters(group)); a tensor is read as its float. Throws std::invalid_argument for
+// another op or another number of arguments, before any step runs.
+void read_arguments(Update& u, py::handle arguments);
+
+// Runs u (nothing for op ""), the GIL released by the caller.
+void run_update(const std::string& dtype, const Update& u, int num_threads);
 
 // Calls f(std::bool_constant<flags>{}...): run-time options become compile-time constants inside f.
 template <class F>

@@ -209,10 +209,21 @@ def test_one_launch_per_group(backend, monkeypatch):
 def check_one_launch_per_group(backend, monkeypatch, op: str, make_opt, steps: int) -> None:
     """Each group's step is one kernel call, whatever its number of tensors (FusedAdam's and
     FusedSGD's tests call this)."""
+    from kernels.cpu import extension
+    from kernels.ops.param_table import CURRENT
+
     module = kernels._dispatch.implementation(op, backend.name)
     calls = []
     launch = module.step
     monkeypatch.setattr(module, "step", lambda *a, **k: calls.append(1) or launch(*a, **k))
+
+    class CountingGuard(extension().TableGuard):  # a CPU table's guard launches its step itself
+        def launch(self, *args):
+            status = super().launch(*args)
+            calls.extend([1] if status == CURRENT else [])
+            return status
+
+    monkeypatch.setattr(extension(), "TableGuard", CountingGuard)
     init, grads = make_problem(backend.device, steps=steps)
     params = [p.clone().requires_grad_() for p in init]
     opt = make_opt([{"params": params[:3]}, {"params": params[3:], "lr": 0.1}])
@@ -645,6 +656,84 @@ def test_quick_table_check_agrees_with_the_full_one(mutation):
         assert opt._tables[0] is table and table.guard.status(group, opt.state) == CURRENT
 
 
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_guard_steps_only_a_table_it_vouches_for(mutation):
+    """A CPU step is checked and launched in one C++ call (TableGuard.launch). Where the check finds
+    the table current, or only new gradients, each of its row's form (which it puts in the rows),
+    it runs the step, exactly one, and says CURRENT; anything else it leaves to Python, the
+    parameters untouched, with the check's code."""
+    from kernels.ops.param_table import CURRENT, GRADIENTS
+
+    params = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True), torch.randn(4, requires_grad=True)]
+    for p in params[:2]:
+        p.grad = torch.randn_like(p)
+    opt = FusedAdam(params, lr=LR)
+    opt.step()
+    table, reference = opt._tables[0], torch.optim.Adam([p.detach().clone().requires_grad_() for p in params], lr=LR)
+    reference.load_state_dict(opt.state_dict())
+    MUTATIONS[mutation](opt, params)
+    group = opt.param_groups[0]
+    before = [p.detach().clone() for p in params]
+    expected = table.guard.status(group, opt.state)
+    assert table.launches
+    found = table.guard.launch(group, opt.state, opt.hyperparameters(group))
+    if expected not in (CURRENT, GRADIENTS):
+        assert found == expected and all(torch.equal(p, b) for p, b in zip(params, before))
+        return
+    assert found == CURRENT
+    for p, q in zip(params[:2], reference.param_groups[0]["params"]):
+        q.grad = p.grad.clone()
+    reference.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, reference.param_groups[0]["params"]))
+    grads, addresses = table.guard.gradients()
+    assert all(g is p.grad and a == p.grad.data_ptr() for g, a, p in zip(grads, addresses, params[:2]))
+    assert table.guard.status(group, opt.state) == CURRENT
+    assert opt.table_builds == 1 + (expected == GRADIENTS)
+
+
+@pytest.mark.parametrize("cls", [FusedAdam, kernels.FusedSGD])
+def test_a_steps_gradients_are_freed_once_the_next_takes_new_ones(backend, cls):
+    """In a zero_grad(set_to_none=True) loop the table holds only the gradients in its rows: those
+    of a step are freed when the next step has put new ones there."""
+    params = [torch.randn(5, 3, device=backend.device, requires_grad=True) for _ in range(2)]
+    opt = cls(params, lr=LR, momentum=0.9) if cls is kernels.FusedSGD else cls(params, lr=LR)
+    refs = []
+    for _ in range(4):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        refs.append([weakref.ref(p.grad) for p in params])
+        opt.step()
+        opt.zero_grad()
+    assert [[r() is None for r in step] for step in refs] == [[True, True]] * 3 + [[False, False]]
+
+
+def test_which_cpu_tables_the_guard_steps():
+    """The guard steps a CPU table itself where the group's step is one C++ launch; a group of two
+    dtypes (two launches) or with a gradient to copy first is stepped from Python. A launch the
+    guard was not given, or of an unknown op, is refused."""
+    def table_of(params, grads, cls=FusedAdam, **kwargs):
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt = cls(params, lr=LR, **kwargs)
+        opt.step()
+        opt.step()
+        return opt._tables[0]
+
+    a, b = torch.randn(4, 3, requires_grad=True), torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert table_of([a], [torch.randn(4, 3)]).launches
+    assert table_of([a], [torch.randn(4, 3)], kernels.FusedSGD, momentum=0.9).launches  # after its first step
+    assert not table_of([a, b], [torch.randn(4, 3), torch.randn(3, dtype=torch.float64)]).launches
+    assert not table_of([a], [torch.randn(3, 4).t()]).launches
+    table = table_of([a], [torch.randn(4, 3)])
+    with pytest.raises(ValueError, match="unknown optimizer update lamb"):
+        table.guard.set_launch("lamb", "float32", 0, 1, 1, 7, torch.get_num_threads)
+    with pytest.raises(ValueError, match="a table of 2 rows .* for a guard of 1 rows"):
+        table.guard.set_launch("adam", "float32", 0, 2, 1, 7, torch.get_num_threads)
+    table.guard.set_launch("", "", 0, 0, 0, 0, None)
+    with pytest.raises(RuntimeError, match="no step was set"):
+        table.guard.launch(table.group, table.state, (LR, 0.9, 0.999, 1e-8, 0.0, False, False, False))
+
+
 def test_loaded_moments_of_another_size_raise_as_in_torch(backend):
     """A torch.optim.Adam state_dict saved for a (10,) parameter loaded for a (20,) one: torch
     raises at its step (a size mismatch), and so do we, before any kernel reads the moments."""
@@ -733,7 +822,7 @@ def test_rebuild_under_capture_names_what_changed(monkeypatch):
     p.grad = torch.ones(4)
     opt = FusedAdam([p], lr=LR)
     opt.step()
-    opt._tables[0].cuda = True
+    opt._tables[0].cuda, opt._tables[0].launches = True, False  # a CUDA table's step is launched from Python
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="capturable is False"):
         opt.step()

@@ -206,12 +206,12 @@ def test_native_update_is_skipped_for_bad_targets_and_bad_arguments():
         MLPStep(layers, torch.optim.SGD(parameters(layers), lr=0.1))
     x, target, loss = torch.randn(4, 6), torch.tensor([0, 1, 2, 1]), torch.empty(())
     step(x, target)
-    with pytest.raises(ValueError, match="sgd update takes 4 scalars and 2 flags"):
+    with pytest.raises(ValueError, match="sgd update takes a tuple of 4 scalars and 2 flags"):
         _C.mlp_step("float32", x.data_ptr(), target.data_ptr(), 0, 4, 0, 0, loss.data_ptr(), 4, 1,
-                    step._layer_list(4, torch.float32), "relu", "sgd", 0, 0, [0.1], [False], 1)
+                    step._layer_list(4, torch.float32), "relu", "sgd", 0, 0, (0.1, False), 1)
     with pytest.raises(ValueError, match="several steps in one call need an index of rows and an optimizer"):
         _C.mlp_step("float32", x.data_ptr(), target.data_ptr(), 0, 4, 0, 0, loss.data_ptr(), 4, 2,
-                    step._layer_list(4, torch.float32), "relu", "", 0, 0, [], [], 1)
+                    step._layer_list(4, torch.float32), "relu", "", 0, 0, (), 1)
 
 
 @pytest.mark.parametrize("make_optimizer", OPTIMIZERS.values(), ids=list(OPTIMIZERS))

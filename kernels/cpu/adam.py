@@ -42,10 +42,3 @@ def step(table: Table, lr, beta1, beta2, eps: float, weight_decay: float, decoup
     they are (pybind11 takes a Python int as a double), as in kernels/cpu/sgd.py."""
     extension().adam_step(table.dtype, table.address, table.count, float(lr), float(beta1), float(beta2), eps,
                           weight_decay, decoupled, amsgrad, maximize, num_threads())
-
-
-def update(lr, beta1, beta2, eps: float, weight_decay: float, decoupled: bool, amsgrad: bool,
-           maximize: bool) -> tuple[list[float], list[bool]]:
-    """``step``'s arguments after its table as csrc/mlp.cpp's step takes them to run the update
-    itself: (scalars, flags)."""
-    return [float(lr), float(beta1), float(beta2), float(eps), float(weight_decay)], [decoupled, amsgrad, maximize]

@@ -11,7 +11,7 @@ from kernels.reference.cross_entropy import bad_target_error
 LAYER_FIELDS = ("weight", "bias", "grad_weight", "grad_bias", "output", "grad_output", "in_features", "out_features")
 
 
-NO_UPDATE = ("", 0, 0, [], [])
+NO_UPDATE = ("", 0, 0, ())
 # The only ignore_index the step takes: F.cross_entropy's default (csrc/mlp.cpp restates it as
 # kIgnoreIndex and exports it as kernels._C.mlp_ignore_index; a test compares the three).
 IGNORE_INDEX = -100
@@ -24,7 +24,7 @@ def step(x: torch.Tensor, target: torch.Tensor, layers: list[int], activation: s
     per layer) on a contiguous batch x (M, in_features) and int64 target (M,), or, given a
     contiguous int64 ``index``, on those rows of x and target, gathered into the contiguous x_batch
     (M, in_features) and target_batch (M,): one step for an index of shape (M,), S steps for one of
-    shape (S, M), which need ``update``, (op, table address, rows, scalars, flags) from a fused
+    shape (S, M), which need ``update``, (op, table address, rows, arguments) from a fused
     optimizer's ``native_update``, run after each step's backward. Returns the loss, of shape ()
     for one step and (S,) for S. Raises ValueError naming the first target out of range (checked
     for every step before any runs: nothing is written then), IndexError for an index out of

@@ -6,7 +6,7 @@ from __future__ import annotations
 from kernels.cpu import extension, num_threads
 from kernels.cpu.adam import Table, set_gradients, table
 
-__all__ = ["Table", "table", "set_gradients", "step", "update"]
+__all__ = ["Table", "table", "set_gradients", "step"]
 
 
 def step(table: Table, lr, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
@@ -16,10 +16,3 @@ def step(table: Table, lr, momentum: float, dampening: float, weight_decay: floa
     double): the step is the launch a small model's training loop pays for at every step."""
     extension().sgd_step(table.dtype, table.address, table.count, float(lr), momentum, dampening, weight_decay,
                          nesterov, maximize, num_threads())
-
-
-def update(lr, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-           maximize: bool) -> tuple[list[float], list[bool]]:
-    """``step``'s arguments after its table as csrc/mlp.cpp's step takes them to run the update
-    itself: (scalars, flags)."""
-    return [float(lr), float(momentum), float(dampening), float(weight_decay)], [nesterov, maximize]
