@@ -272,14 +272,15 @@ class TableGuard {
     if (launch_.op.empty()) throw std::logic_error("TableGuard.launch: no step was set (set_launch)");
     const int found = status(group, states);
     if (found == kOther) return found;
-    read_arguments(launch_, arguments);  // before the rows change: a bad argument leaves them as they were
+    // what can raise first: an error leaves the rows as they were
+    read_arguments(launch_, arguments);
+    const int threads = num_threads_().cast<int>();
     if (found == kGradients) {
       take_pending();
       ++gradient_swaps_;
       int64_t* rows = ptr<int64_t>(launch_.table);
       for (size_t r = 0; r < grad_addresses_.size(); ++r) rows[r * width_ + grad_field_] = grad_addresses_[r];
     }
-    const int threads = num_threads_().cast<int>();
     const py::gil_scoped_release release;
     run_update(launch_dtype_, launch_, threads);
     return kCurrent;

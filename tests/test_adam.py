@@ -710,7 +710,9 @@ def test_a_steps_gradients_are_freed_once_the_next_takes_new_ones(backend, cls):
 def test_which_cpu_tables_the_guard_steps():
     """The guard steps a CPU table itself where the group's step is one C++ launch; a group of two
     dtypes (two launches) or with a gradient to copy first is stepped from Python. A launch the
-    guard was not given, or of an unknown op, is refused."""
+    guard was not given, or of an unknown op, is refused, and bad arguments change nothing."""
+    from kernels.ops.param_table import GRADIENTS
+
     def table_of(params, grads, cls=FusedAdam, **kwargs):
         for p, g in zip(params, grads):
             p.grad = g
@@ -725,6 +727,11 @@ def test_which_cpu_tables_the_guard_steps():
     assert not table_of([a, b], [torch.randn(4, 3), torch.randn(3, dtype=torch.float64)]).launches
     assert not table_of([a], [torch.randn(3, 4).t()]).launches
     table = table_of([a], [torch.randn(4, 3)])
+    a.grad, before = torch.randn(4, 3), a.detach().clone()  # a new gradient, and bad arguments: nothing changes
+    with pytest.raises(ValueError, match="the adam update takes a tuple of 5 scalars and 3 flags"):
+        table.guard.launch(table.group, table.state, (LR,))
+    assert table.guard.status(table.group, table.state) == GRADIENTS and torch.equal(a, before)
+    assert table.guard.gradients()[0][0] is not a.grad
     with pytest.raises(ValueError, match="unknown optimizer update lamb"):
         table.guard.set_launch("lamb", "float32", 0, 1, 1, 7, torch.get_num_threads)
     with pytest.raises(ValueError, match="a table of 2 rows .* for a guard of 1 rows"):
