@@ -629,6 +629,17 @@ NEW_GRADIENT_FORMS = ("new gradient of other strides", "new sparse gradient", "n
                       "new gradient reshaped through .data")
 
 
+def _stepped_with_a_gradless_parameter():
+    """Three parameters, the last without a gradient, and a FusedAdam after one step over them."""
+    params = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True),
+              torch.randn(4, requires_grad=True)]
+    for p in params[:2]:
+        p.grad = torch.randn_like(p)
+    opt = FusedAdam(params, lr=LR)
+    opt.step()
+    return params, opt
+
+
 @pytest.mark.parametrize("mutation", MUTATIONS)
 def test_quick_table_check_agrees_with_the_full_one(mutation):
     """The check every step makes first (the C++ TableGuard) never says current or gradients-only
@@ -638,11 +649,7 @@ def test_quick_table_check_agrees_with_the_full_one(mutation):
     from kernels.ops.param_table import CURRENT, GRADIENTS
 
     OTHER = table_status_codes["other"]
-    params = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True), torch.randn(4, requires_grad=True)]
-    for p in params[:2]:
-        p.grad = torch.randn_like(p)
-    opt = FusedAdam(params, lr=LR)
-    opt.step()
+    params, opt = _stepped_with_a_gradless_parameter()
     table = opt._tables[0]
     MUTATIONS[mutation](opt, params)
     group = opt.param_groups[0]
@@ -664,11 +671,7 @@ def test_guard_steps_only_a_table_it_vouches_for(mutation):
     parameters untouched, with the check's code."""
     from kernels.ops.param_table import CURRENT, GRADIENTS
 
-    params = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True), torch.randn(4, requires_grad=True)]
-    for p in params[:2]:
-        p.grad = torch.randn_like(p)
-    opt = FusedAdam(params, lr=LR)
-    opt.step()
+    params, opt = _stepped_with_a_gradless_parameter()
     table, reference = opt._tables[0], torch.optim.Adam([p.detach().clone().requires_grad_() for p in params], lr=LR)
     reference.load_state_dict(opt.state_dict())
     MUTATIONS[mutation](opt, params)

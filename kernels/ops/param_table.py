@@ -23,11 +23,12 @@ microsecond per parameter):
 
 When only gradients changed (new tensors, as after ``zero_grad(set_to_none=True)``), the rows
 take the new gradients (states kept: ``table_builds`` counts it; a CPU table has the addresses
-written into it in place, any other is made again); otherwise the whole table is rebuilt: missing states are created as torch.optim creates them, present ones are
-checked against their parameter (a state of another shape raises, as torch.optim does when it
-reaches it). The table keeps a reference to every tensor it points to (a detached alias, which
-keeps the storage alive whatever is done to the Python object), so each address in it is alive
-and of the size it was checked for.
+written into it in place, any other is made again); otherwise the whole table is rebuilt:
+missing states are created as torch.optim creates them, present ones are checked against their
+parameter (a state of another shape raises, as torch.optim does when it reaches it). The table
+keeps a reference to every tensor it points to (a detached alias, which keeps the storage alive
+whatever is done to the Python object), so each address in it is alive and of the size it was
+checked for.
 
 Where a group's step is one C++ launch (CPU tensors of one dtype, no gradient to copy, no first
 momentum step to clear), the guard runs it too (``TableGuard.launch``): the check, new gradients'
@@ -258,11 +259,12 @@ class GroupTable:
         """update_gradients in its common case (every step of a ``zero_grad(set_to_none=True)``
         loop, where the guard does not launch the step itself): the guard found the new gradients
         each of its row's form (``grad_form``: the parameter's dtype, layout, shape, strides and
-        device, and a real parameter), so only the gradient addresses of the rows change. A backend whose table is host memory read at each
-        launch (the CPU's) has them written into it in place (``set_gradients``); any other gets
-        its tables made again from each row as last made. False (nothing done) where the rows
-        need more (gradients copied into the parameter's layout, first momentum steps to clear,
-        a row not made yet), which the general path handles."""
+        device, and a real parameter), so only the gradient addresses of the rows change. A
+        backend whose table is host memory read at each launch (the CPU's) has them written into
+        it in place (``set_gradients``); any other gets its tables made again from each row as
+        last made. False (nothing done) where the rows need more (gradients copied into the
+        parameter's layout, first momentum steps to clear, a row not made yet), which the general
+        path handles."""
         in_place = self.set_gradients is not None
         if self.grad_copies or self.first_steps or (not in_place and any(s.entry is None for s in self.row_slots)):
             return False
