@@ -364,7 +364,8 @@ def test_torchrun_two_processes_match_one(runs, data_dir, tmp_path):
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            "-m", "ffnn.train", *RUN, "--data-dir", str(data_dir), "--impl", "fused", "--out", str(out)]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # both streams: where a rank stopped (its epochs on stdout) and why (stderr)
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-1500:]}\nstderr:\n{result.stderr[-3000:]}"
     assert "x 2 processes" in result.stdout and result.stdout.count("epoch 2/2") == 1  # rank 0 logs alone
     a, b = _weights(out), _weights(runs["fused"])
     for k in a:
