@@ -338,13 +338,15 @@ class GroupTable:
         self._set_launch()
 
     def _set_launch(self) -> None:
-        """Whether the guard runs the group's step itself after finding the table current
-        (``launches``; FusedOptimizer.step): where the step is one C++ launch (the CPU backend, one
-        table, no gradient to copy first, no first momentum step for the slots to see cleared).
-        In one call, the MNIST MLP's SGD step (the kernel 10.5 us, the check 2.9) has 1.6 us of
-        Python around it, where a check and a launch made from Python had 3.6 (Zen 3)."""
-        self.launches = (self.backend == "cpu" and len(self.tables) == 1 and not self.grad_copies
-                         and not self.first_steps)
+        """Whether the group's step is one C++ launch (``one_cpu_launch``: the CPU backend, one
+        table, no gradient to copy first; what C++ code can run itself, here and in
+        ``native_update``), and whether the guard runs it after finding the table current
+        (``launches``; FusedOptimizer.step): where it is one, with no first momentum step for the
+        slots to see cleared. In one call, the MNIST MLP's SGD step (the kernel 10.5 us, the check
+        2.9) has 1.6 us of Python around it, where a check and a launch made from Python had 3.6
+        (Zen 3)."""
+        self.one_cpu_launch = self.backend == "cpu" and len(self.tables) == 1 and not self.grad_copies
+        self.launches = self.one_cpu_launch and not self.first_steps
         if self.launches:
             table = self.tables[0]
             self.guard.set_launch(self.op, table.dtype, table.address, table.count, self.grad_field, len(self.layout),
@@ -538,7 +540,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             return None
         group = self.param_groups[0]
         table = self._table(0, group)
-        if table.backend != "cpu" or len(table.tables) != 1 or table.grad_copies:
+        if not table.one_cpu_launch:
             return None
         backend_table = table.tables[0]
         return table, (self.op, backend_table.address, backend_table.count, self.hyperparameters(group))
